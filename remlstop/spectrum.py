@@ -1,0 +1,266 @@
+"""KernelSpectrum: the eigenvalues of the kernel and the residual in its eigenbasis.
+
+This is the one object the statistics read (METHOD M4, M5). It is built once from a dense
+kernel H (N x N) and the initial residual u0 = y - f0 (length N, row-major over outputs), and,
+when covariates Z are given, from the kernel compressed to the complement of Z (M5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .linalg import blas_threads, symmetric_eigh
+
+__all__ = ["KernelSpectrum", "as_float64_vector"]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _dtype_eps(x: ArrayLike) -> float:
+    if isinstance(x, torch.Tensor):
+        return float(torch.finfo(x.dtype).eps) if x.is_floating_point() else 2.2e-16
+    x = np.asarray(x)
+    return float(np.finfo(x.dtype).eps) if np.issubdtype(x.dtype, np.floating) else 2.2e-16
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def as_float64_vector(values: ArrayLike, name: str) -> np.ndarray:
+    """Flatten ``values`` row-major to a float64 vector, refusing integers and non-finite entries.
+
+    Integer or boolean input is refused because it almost always means class labels, which the
+    theory (squared error, M1) does not cover.
+    """
+    arr = _to_numpy(values)
+    if arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(
+            f"{name} has integer dtype {arr.dtype}; this looks like class labels. remlstop covers "
+            "squared-error training only: one-hot encode the labels as floats and use loss='mse'."
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array or tensor, got dtype {arr.dtype}.")
+    vec = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(vec)):
+        bad = int(np.sum(~np.isfinite(vec)))
+        raise ValueError(
+            f"{name} contains {bad} NaN or infinite value(s); remove or impute them before fitting."
+        )
+    return vec
+
+
+def _check_kernel(kernel: ArrayLike) -> np.ndarray:
+    """Validate a dense kernel and return it as a symmetric float64 array."""
+    if isinstance(kernel, torch.Tensor) and not kernel.is_floating_point():
+        raise TypeError(f"kernel must be floating point, got dtype {kernel.dtype}.")
+    H = np.asarray(_to_numpy(kernel), dtype=np.float64)
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"kernel must be a square (N, N) matrix, got shape {tuple(H.shape)}.")
+    if H.shape[0] < 3:
+        raise ValueError(
+            f"kernel is {H.shape[0]}x{H.shape[0]}; at least N = 3 residuals are needed to estimate "
+            "a variance component. Use more training rows."
+        )
+    if not np.all(np.isfinite(H)):
+        raise ValueError(
+            "kernel contains NaN or infinite entries; check the model outputs and parameters "
+            "(a diverged or NaN-initialised network gives a NaN kernel)."
+        )
+    scale = float(np.max(np.abs(H)))
+    if scale == 0.0:
+        raise ValueError(
+            "kernel is identically zero: the model's outputs do not depend on its trainable "
+            "parameters at these inputs (frozen or dead network). Nothing can be learned."
+        )
+    asym = float(np.max(np.abs(H - H.T)))
+    sym_tol = max(1e-10, 100.0 * _dtype_eps(kernel)) * scale
+    if asym > sym_tol:
+        raise ValueError(
+            f"kernel is not symmetric (max |H - H^T| = {asym:.3g} vs max |H| = {scale:.3g}); an "
+            "NTK train-train kernel is J J^T / N. Did you pass the cross kernel?"
+        )
+    return 0.5 * (H + H.T)
+
+
+def _expand_covariates(covariates: ArrayLike, n_total: int) -> np.ndarray:
+    """Covariates as an (N, q) float64 matrix; (n, q) with N = n*K is expanded per output."""
+    Z = np.asarray(_to_numpy(covariates), dtype=np.float64)
+    if Z.ndim == 1:
+        Z = Z[:, None]
+    if Z.ndim != 2:
+        raise ValueError(f"covariates must be (N, q) or (n, q), got shape {tuple(Z.shape)}.")
+    if not np.all(np.isfinite(Z)):
+        raise ValueError("covariates contain NaN or infinite values.")
+    rows = Z.shape[0]
+    if rows != n_total:
+        if rows > 0 and n_total % rows == 0:
+            # One copy of each covariate per output: the fixed effect acts on every output.
+            Z = np.kron(Z, np.eye(n_total // rows))
+        else:
+            raise ValueError(
+                f"covariates have {rows} rows but the residual has N = {n_total} entries; pass "
+                "one row per residual (N rows) or one per training row (n rows, N = n*K)."
+            )
+    return Z
+
+
+def _orthonormal_basis(Z: np.ndarray) -> np.ndarray:
+    """Q of a reduced QR of Z (N, q), refusing rank-deficient or too-large Z."""
+    n_total, q = Z.shape
+    if q >= n_total - 2:
+        raise ValueError(
+            f"{q} covariates leave {n_total - q} residual degrees of freedom; at least 3 are "
+            "needed. Use fewer covariates or more data."
+        )
+    Q, R = np.linalg.qr(Z, mode="reduced")
+    diag = np.abs(np.diag(R))
+    if diag.min() <= 1e-10 * max(diag.max(), 1e-300):
+        raise ValueError(
+            f"covariates have rank < q = {q} (collinear columns); drop the redundant columns "
+            "(an intercept and a column of ones together, say)."
+        )
+    return Q
+
+
+@dataclass(frozen=True)
+class KernelSpectrum:
+    """Eigenvalues of the (compressed) kernel and projections of the residual on its eigenvectors.
+
+    Attributes:
+        eigenvalues: (m,) float64, ascending, >= 0, m = N - q (METHOD M4: lambda_j).
+        z: (m,) float64, z = V^T u0 (projected off the covariates when q > 0).
+        n_obs: N, the number of residuals (n rows x K outputs).
+        n_fixed: q, the number of fixed-effect covariates projected out (M5).
+        trace: trace of the (compressed) kernel before clipping.
+        clipped_mass: total magnitude of the tiny negative eigenvalues clipped to 0.
+    """
+
+    eigenvalues: np.ndarray = field(repr=False)
+    z: np.ndarray = field(repr=False)
+    n_obs: int
+    n_fixed: int
+    trace: float
+    clipped_mass: float
+
+    @property
+    def dim(self) -> int:
+        """m = N - q: the dimension the statistics live in."""
+        return self.n_obs - self.n_fixed
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        """lambda-bar = tr(M) / m (METHOD M4), from the clipped eigenvalues."""
+        return float(self.eigenvalues.sum() / self.dim)
+
+    @property
+    def residual_norm2(self) -> float:
+        """||u0||^2 in the complement of the covariates."""
+        return float(np.dot(self.z, self.z))
+
+    @classmethod
+    def from_eigen(
+        cls, eigenvalues: ArrayLike, z: ArrayLike, *, n_fixed: int = 0, clipped_mass: float = 0.0
+    ) -> KernelSpectrum:
+        """Build from eigenvalues (m,) and projections z (m,) computed elsewhere (e.g. Lanczos)."""
+        lam = as_float64_vector(eigenvalues, "eigenvalues")
+        zz = as_float64_vector(z, "z")
+        if lam.shape != zz.shape:
+            raise ValueError(
+                f"eigenvalues have {lam.size} entries but z has {zz.size}; they must match."
+            )
+        if lam.size < 3:
+            raise ValueError(f"{lam.size} eigenvalues given; at least 3 are needed.")
+        if lam.min() < 0:
+            raise ValueError(
+                f"eigenvalues must be >= 0 (a kernel is PSD), smallest is {lam.min():.3g}."
+            )
+        if lam.max() == 0:
+            raise ValueError("all eigenvalues are zero: the kernel is zero, nothing can be learned.")
+        if not np.any(zz != 0):
+            raise ValueError("the residual is exactly zero: the network already fits the targets.")
+        order = np.argsort(lam, kind="stable")
+        return cls(
+            eigenvalues=lam[order],
+            z=zz[order],
+            n_obs=lam.size + int(n_fixed),
+            n_fixed=int(n_fixed),
+            trace=float(lam.sum()),
+            clipped_mass=float(clipped_mass),
+        )
+
+    @classmethod
+    def from_kernel(
+        cls, kernel: ArrayLike, residual: ArrayLike, covariates: ArrayLike | None = None
+    ) -> KernelSpectrum:
+        """Eigendecompose a dense kernel H (N, N) against the residual u0 (any shape, N entries).
+
+        The residual is flattened row-major (METHOD M1). With covariates Z ((N, q) or (n, q)),
+        H is compressed to the orthogonal complement of Z through a reduced QR of Z (M5): the
+        compressed kernel's eigenvalues are those of P H P (P = I - Q Q^T applied as rank-q
+        updates, never an N x N projector) once the q covariate directions are split off.
+        Eigenvalues below zero by more than round-off raise; round-off negatives are clipped to
+        0 and their mass recorded.
+        """
+        H = _check_kernel(kernel)
+        n_total = H.shape[0]
+        u0 = as_float64_vector(residual, "residual")
+        if u0.size != n_total:
+            raise ValueError(
+                f"residual has {u0.size} entries but the kernel is {n_total}x{n_total}; they must "
+                "match (N = rows x outputs, flattened row-major)."
+            )
+        q = 0
+        if covariates is not None:
+            Q = _orthonormal_basis(_expand_covariates(covariates, n_total))
+            q = Q.shape[1]
+            # P H P - s Q Q^T: the covariate directions get eigenvalue -s, well apart from the
+            # compressed kernel's (all >= 0), so they are split off exactly even where the
+            # compressed kernel itself has a null space.
+            shift = float(np.trace(H)) + 1.0
+            with blas_threads():
+                HQ = H @ Q
+                QtHQ = Q.T @ HQ
+                H = H - HQ @ Q.T - Q @ HQ.T + Q @ (QtHQ - shift * np.eye(q)) @ Q.T
+            H = 0.5 * (H + H.T)
+            u0 = u0 - Q @ (Q.T @ u0)
+        evals, evecs = symmetric_eigh(H)
+        # The q eigenvectors spanning the covariates carry eigenvalue -shift and no residual.
+        evals, evecs = evals[q:], evecs[:, q:]
+        lam_max = float(evals[-1])
+        if lam_max <= 0:
+            raise ValueError(
+                "the kernel has no positive eigenvalue in the complement of the covariates: "
+                "nothing can be learned beyond the fixed effects."
+            )
+        tol = max(1e-8, 10.0 * _dtype_eps(kernel) * np.sqrt(n_total)) * lam_max
+        if evals[0] < -tol:
+            raise ValueError(
+                f"kernel has a materially negative eigenvalue ({evals[0]:.3g}, largest "
+                f"{lam_max:.3g}); a kernel J J^T / N is positive semi-definite. Check how it was "
+                "built."
+            )
+        trace = float(evals.sum())
+        negative = evals < 0
+        clipped = float(-evals[negative].sum())
+        evals = np.where(negative, 0.0, evals)
+        with blas_threads():
+            z = evecs.T @ u0
+        if not np.any(z != 0) or float(np.dot(z, z)) == 0.0:
+            raise ValueError(
+                "the residual is zero (after projecting off the covariates): the network already "
+                "fits the targets, or the targets equal the initial outputs."
+            )
+        return cls(
+            eigenvalues=evals,
+            z=z,
+            n_obs=n_total,
+            n_fixed=q,
+            trace=trace,
+            clipped_mass=clipped,
+        )
