@@ -1,0 +1,331 @@
+"""Optimizer steps -> gradient-flow time (METHOD M2).
+
+Units: ``t`` is gradient-flow time of the linearised flow ``df/dt = -H (f - y)`` with the
+normalised kernel ``H = J Jᵀ / N`` (M1); ``steps`` counts optimizer steps. A gradient-descent step
+on ``L = (a/N)·‖f - y‖²`` with learning rate η moves the outputs by ``-2aη·H (f - y)``, hence
+``Δt = 2aη`` per step.
+
+When to count a step: ``dt_per_step``/``advance`` read the learning rate the optimizer holds
+*now*, so call ``advance`` after ``optimizer.step()`` and before ``scheduler.step()``. (In
+Lightning 2.x step-interval schedulers are updated before ``on_train_batch_end``; count in
+``on_before_optimizer_step`` there.)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import brentq
+from torch import nn
+
+__all__ = [
+    "LossSpec",
+    "parse_loss",
+    "GradientFlowClock",
+    "loss_matched_time",
+    "discrete_residual_factor",
+    "continuous_residual_factor",
+    "is_discrete_stable",
+]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A squared-error loss ``L = a·reduce(‖f - y‖²)`` (M1).
+
+    ``reduction`` is ``"mean"`` (divide by the number of scalar residuals in the batch) or
+    ``"sum"``; ``a`` is 1/2 for the "half" losses and 1 for ``nn.MSELoss``.
+    """
+
+    name: str
+    a: float
+    reduction: str
+
+
+_LOSSES = {
+    "half_mse": LossSpec("half_mse", 0.5, "mean"),
+    "mse": LossSpec("mse", 1.0, "mean"),
+    "half_sum": LossSpec("half_sum", 0.5, "sum"),
+    "sum": LossSpec("sum", 1.0, "sum"),
+}
+_CLASSIFICATION_NAMES = {"cross_entropy", "crossentropy", "ce", "nll", "bce", "bce_with_logits"}
+_CLASSIFICATION_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
+_CLASSIFICATION_MESSAGE = (
+    "remlstop's theory (METHOD M1/M6) covers squared-error losses only; classification losses "
+    "such as cross-entropy, NLL and BCE are outside it. Use one-hot (float) targets with "
+    "loss='mse' instead."
+)
+
+
+def parse_loss(loss: str | nn.Module | LossSpec) -> LossSpec:
+    """The :class:`LossSpec` for a loss name, an ``nn.MSELoss`` instance or a ``LossSpec`` (M1).
+
+    Accepted names: ``"half_mse"`` (½·mean), ``"mse"`` (mean), ``"half_sum"`` (½·sum), ``"sum"``.
+    Classification losses raise ``ValueError``.
+    """
+    if isinstance(loss, LossSpec):
+        return loss
+    if isinstance(loss, _CLASSIFICATION_MODULES):
+        raise ValueError(f"{type(loss).__name__}: {_CLASSIFICATION_MESSAGE}")
+    if isinstance(loss, nn.MSELoss):
+        if loss.reduction == "mean":
+            return _LOSSES["mse"]
+        if loss.reduction == "sum":
+            return _LOSSES["sum"]
+        raise ValueError(
+            f"nn.MSELoss(reduction={loss.reduction!r}) does not give a scalar loss to train on; "
+            "use reduction='mean' or 'sum'."
+        )
+    if isinstance(loss, str):
+        key = loss.strip().lower()
+        if key in _LOSSES:
+            return _LOSSES[key]
+        if key in _CLASSIFICATION_NAMES:
+            raise ValueError(f"loss={loss!r}: {_CLASSIFICATION_MESSAGE}")
+        raise ValueError(f"unknown loss {loss!r}; accepted names are {sorted(_LOSSES)}.")
+    raise TypeError(
+        f"loss must be one of the names {sorted(_LOSSES)}, an nn.MSELoss instance or a LossSpec; "
+        f"got {type(loss).__name__}."
+    )
+
+
+def _sgd_time_factor(group: dict[str, Any]) -> float:
+    """Steady-state multiplier of 2aη for SGD with momentum/dampening (M2, first-order *choice*).
+
+    The momentum buffer tends to (1 - dampening)·g/(1 - β) at a constant gradient g, and so does
+    the Nesterov update (PyTorch forbids Nesterov with dampening); this ignores the transient of
+    about 1/(1 - β) steps.
+    """
+    beta = float(group.get("momentum", 0.0))
+    if beta == 0.0:
+        return 1.0
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"SGD momentum must lie in [0, 1) for a time map; got {beta}.")
+    return (1.0 - float(group.get("dampening", 0.0))) / (1.0 - beta)
+
+
+class GradientFlowClock:
+    """Counts gradient-flow time ``t`` over optimizer steps (METHOD M2).
+
+    ``optimizer``: the ``torch.optim`` optimizer (or a Lightning wrapper of one). ``loss``: see
+    :func:`parse_loss`. ``n_total``: number of training rows ``n``, used for sum-reduced losses
+    when ``batch_size_rows`` is not given (full batch).
+
+    Plain SGD (with momentum/Nesterov/dampening) has a fixed time map. Other optimizers (Adam,
+    AdamW, RMSprop, Adagrad, ...) do not: the clock warns once and sets ``fixed_map = False``;
+    its ``t`` is then only the *nominal* time 2aη·factor per step, and callers should use
+    :func:`loss_matched_time` or the trajectory rule (M4) instead.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss: str | nn.Module | LossSpec = "half_mse",
+        *,
+        n_total: int | None = None,
+    ) -> None:
+        if n_total is not None and (isinstance(n_total, bool) or int(n_total) != n_total or n_total < 1):
+            raise ValueError(f"n_total must be a positive integer number of rows; got {n_total!r}.")
+        self.optimizer = optimizer
+        self.loss = parse_loss(loss)
+        self.n_total = None if n_total is None else int(n_total)
+        self.t = 0.0
+        self.steps = 0
+        self.fixed_map = isinstance(optimizer, torch.optim.SGD)
+        self._warned_weight_decay = False
+        if not self.fixed_map:
+            warnings.warn(
+                f"{type(optimizer).__name__} has no fixed map from steps to gradient-flow time "
+                "(METHOD M2); the clock's time is nominal. Use the loss-matched clock or the "
+                "trajectory rule.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._check_weight_decay()
+
+    def _check_weight_decay(self) -> None:
+        if self._warned_weight_decay:
+            return
+        if any(float(g.get("weight_decay", 0.0)) > 0.0 for g in self.optimizer.param_groups):
+            self._warned_weight_decay = True
+            warnings.warn(
+                "weight_decay > 0 adds a ridge penalty that the linearised model (METHOD M2) does "
+                "not have; the clock and the REML estimate ignore it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _group_dt(self, group: dict[str, Any]) -> float:
+        if "lr" not in group:
+            raise ValueError(f"{type(self.optimizer).__name__} param group has no 'lr'.")
+        lr = float(group["lr"])  # lr may be a tensor in recent torch
+        if not (math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"learning rate must be finite and non-negative; got {lr}.")
+        if self.fixed_map:
+            if group.get("maximize", False):
+                raise ValueError("SGD(maximize=True) ascends the loss; there is no gradient-flow time.")
+            return 2.0 * self.loss.a * lr * _sgd_time_factor(group)
+        return 2.0 * self.loss.a * lr
+
+    def _rows_factor(self, batch_size_rows: int | None, n_outputs: int) -> int:
+        # Sum over a batch of B rows has expected gradient (B/n)·(full sum) = B·K·(mean gradient).
+        if self.loss.reduction == "mean":
+            return 1
+        rows = self.n_total if batch_size_rows is None else batch_size_rows
+        if rows is None:
+            raise ValueError(
+                f"loss {self.loss.name!r} is sum-reduced: time per step scales with the number of "
+                "residuals summed, so pass batch_size_rows= (or n_total= for full batch)."
+            )
+        if int(rows) != rows or rows < 1 or int(n_outputs) != n_outputs or n_outputs < 1:
+            raise ValueError(
+                f"batch_size_rows and n_outputs must be positive integers; got {rows!r}, {n_outputs!r}."
+            )
+        return int(rows) * int(n_outputs)
+
+    def dt_per_step(self, batch_size_rows: int | None = None, n_outputs: int = 1) -> float:
+        """Δt for the step about to be counted, from the optimizer's current lr (M2).
+
+        Mean reduction: ``2aη·factor`` (mini-batch or not). Sum reduction over ``B`` rows of ``K``
+        outputs: ``2aη·factor·B·K``. ``factor`` = (1 - dampening)/(1 - β) for SGD momentum β.
+        All param groups holding parameters must advance the same time.
+        """
+        self._check_weight_decay()
+        groups = [g for g in self.optimizer.param_groups if len(g["params"]) > 0]
+        if not groups:
+            raise ValueError("the optimizer has no parameters to train.")
+        dts = [self._group_dt(g) for g in groups]
+        if any(not math.isclose(d, dts[0], rel_tol=1e-12, abs_tol=0.0) for d in dts):
+            lrs = [float(g["lr"]) for g in groups]
+            raise ValueError(
+                f"param groups advance different gradient-flow times per step (lr={lrs}); the "
+                "theory (METHOD M2) needs one time for all parameters. Use the same learning rate "
+                "(and momentum) in every param group."
+            )
+        return dts[0] * self._rows_factor(batch_size_rows, n_outputs)
+
+    def advance(self, batch_size_rows: int | None = None, n_outputs: int = 1) -> float:
+        """Count one step: add :meth:`dt_per_step` to ``t``, increment ``steps``; returns ``t``."""
+        self.t += self.dt_per_step(batch_size_rows, n_outputs)
+        self.steps += 1
+        return self.t
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "steps": self.steps, "loss": self.loss.name, "fixed_map": self.fixed_map}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("loss", self.loss.name) != self.loss.name:
+            raise ValueError(
+                f"state was saved with loss {state['loss']!r}, this clock uses {self.loss.name!r}."
+            )
+        t, steps = float(state["t"]), int(state["steps"])
+        if not (math.isfinite(t) and t >= 0.0 and steps >= 0):
+            raise ValueError(f"invalid clock state: t={t}, steps={steps}.")
+        self.t, self.steps = t, steps
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientFlowClock(t={self.t:.6g}, steps={self.steps}, loss={self.loss.name!r}, "
+            f"fixed_map={self.fixed_map})"
+        )
+
+
+_EDGE_LOG_TOL = 1e-13  # relative tolerance on ‖r‖² at t = 0 and t = ∞
+
+
+def _logsumexp(a: np.ndarray) -> float:
+    if a.size == 0:
+        return -math.inf
+    m = float(np.max(a))
+    if m == -math.inf:
+        return -math.inf
+    return m + math.log(float(np.sum(np.exp(a - m))))
+
+
+def _as_float64_vector(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {arr.shape}.")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf.")
+    return arr
+
+
+def loss_matched_time(eigenvalues: Any, z: Any, residual_norm2: float) -> float:
+    """Loss-matched clock (M2 *choice*): t ≥ 0 with ``Σ_j z_j² e^{-2tλ_j} = ‖r‖²``.
+
+    ``eigenvalues`` (N,) of H, ≥ 0; ``z`` (N,) = Vᵀ u0; ``residual_norm2`` = ‖r_observed‖².
+    Returns 0.0 when ‖r‖² ≥ Σz², ``math.inf`` when ‖r‖² ≤ Σ_{λ_j=0} z_j² (the t → ∞ limit),
+    each up to a relative round-off tolerance of 1e-13.
+    Solved in log t with a bracket widened until it holds; sums in log space. Never NaN.
+    """
+    lam = _as_float64_vector(eigenvalues, "eigenvalues")
+    zz = _as_float64_vector(z, "z")
+    if lam.shape != zz.shape:
+        raise ValueError(f"eigenvalues and z must have the same length; got {lam.size} and {zz.size}.")
+    if np.any(lam < 0.0):
+        raise ValueError(
+            f"eigenvalues must be >= 0 (H is PSD); min is {lam.min():.3g}. Clip round-off to 0."
+        )
+    r2 = float(residual_norm2)
+    if not (math.isfinite(r2) and r2 >= 0.0):
+        raise ValueError(f"residual_norm2 must be finite and >= 0; got {residual_norm2!r}.")
+
+    keep = zz != 0.0  # zero projections contribute nothing; log 0 would be -inf
+    if r2 == 0.0:  # decided without logs: log 0 - log 0 would be NaN
+        return math.inf if np.any(keep) else 0.0
+    log_z2, lam = 2.0 * np.log(np.abs(zz[keep])), lam[keep]
+    log_r2 = math.log(r2)
+    positive = lam > 0.0
+    log_limit = _logsumexp(log_z2[~positive])  # t-independent part (λ = 0)
+    log_z2_pos, lam_pos = log_z2[positive], lam[positive]
+
+    def excess(t: float) -> float:  # log Σ z² e^{-2tλ} - log ‖r‖², decreasing in t
+        # (tλ)·2, not (2t)·λ: 2t overflows for t near the largest double while tλ does not.
+        with np.errstate(over="ignore"):  # tλ overflowing to inf is right: e^{-inf} = 0
+            log_w = log_z2_pos - (t * lam_pos) * 2.0
+        return _logsumexp(np.append(log_w, log_limit)) - log_r2
+
+    # Within round-off of an edge counts as the edge: e^{2 log|z|} is not z² to the last ulp.
+    if excess(0.0) <= _EDGE_LOG_TOL:
+        return 0.0
+    if log_limit - log_r2 >= -_EDGE_LOG_TOL:
+        return math.inf
+
+    # 1/λ_max sets the scale; capped because 1/λ overflows for subnormal λ.
+    lo = hi = min(1.0 / float(np.max(lam_pos)), 1e300)
+    while excess(lo) <= 0.0:
+        lo /= 16.0
+        if lo == 0.0:  # root below the smallest double: the flow has not moved
+            return 0.0
+    while excess(hi) >= 0.0:
+        hi *= 16.0
+        if math.isinf(hi):  # root beyond the largest double
+            return math.inf
+
+    log_t = brentq(
+        lambda s: excess(math.exp(s)), math.log(lo), math.log(hi), xtol=1e-15, maxiter=500
+    )
+    return math.exp(log_t)
+
+
+def discrete_residual_factor(eigenvalues: Any, dt: float, k: int) -> np.ndarray:
+    """(1 - Δt·λ)^k: residual factor per eigen-direction after k gradient steps (M2), float64."""
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    return (1.0 - float(dt) * lam) ** int(k)
+
+
+def continuous_residual_factor(eigenvalues: Any, t: float) -> np.ndarray:
+    """e^{-tλ}: residual factor per eigen-direction at gradient-flow time t (M2), float64."""
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    return np.exp(-float(t) * lam)
+
+
+def is_discrete_stable(lambda_max: float, dt: float) -> bool:
+    """Whether gradient descent with step Δt is stable on the linearised model: Δt·λ_max < 2 (M2)."""
+    return float(dt) * float(lambda_max) < 2.0

@@ -1,0 +1,178 @@
+"""Collect training inputs and targets (X, Y) from tensors or a DataLoader (METHOD M1).
+
+The kernel, the test and REML need the whole training set at once (M1: y has N = n·K entries).
+Targets must be real-valued: the theory covers squared-error losses only (M1, M6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["default_batch_adapter", "collect_xy", "as_target_matrix"]
+
+Batch = Any
+BatchToXY = Callable[[Batch], "tuple[torch.Tensor, torch.Tensor]"]
+
+_DICT_KEYS = (("x", "y"), ("input", "target"))
+_MIN_ROWS = 3
+
+
+def default_batch_adapter(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a batch into (x, y).
+
+    Accepts a 2-element tuple/list ``(x, y)`` (what a ``TensorDataset`` yields through a
+    ``DataLoader``) or a mapping with keys ``"x"``/``"y"``, else ``"input"``/``"target"`` (checked
+    in that order). Anything else raises ``TypeError``: pass ``batch_to_xy=`` then.
+    """
+    if isinstance(batch, Mapping):
+        for kx, ky in _DICT_KEYS:
+            if kx in batch and ky in batch:
+                return _check_tensors(batch[kx], batch[ky])
+        raise TypeError(
+            f"batch is a mapping with keys {sorted(map(str, batch))}; the default adapter needs "
+            "'x'/'y' or 'input'/'target'. Pass batch_to_xy= to say how to get (x, y)."
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return _check_tensors(batch[0], batch[1])
+    raise TypeError(
+        f"cannot read (x, y) from a batch of type {type(batch).__name__}"
+        + (f" with {len(batch)} elements" if isinstance(batch, (tuple, list)) else "")
+        + "; the default adapter takes (x, y) pairs or dicts with 'x'/'y' or 'input'/'target'. "
+        "Pass batch_to_xy= (a function batch -> (x, y))."
+    )
+
+
+def _check_tensors(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise TypeError(
+            f"x and y must be torch tensors; got {type(x).__name__} and {type(y).__name__}. "
+            "Pass batch_to_xy= to convert them."
+        )
+    return x, y
+
+
+def as_target_matrix(Y: torch.Tensor) -> torch.Tensor:
+    """Targets as an (n, K) floating matrix (M1): 1-D Y -> (n, 1); trailing dims are flattened
+    row-major, so ``as_target_matrix(Y).reshape(-1)`` is the vector y of length N = n·K."""
+    _check_targets(Y)
+    if Y.ndim == 0:
+        raise ValueError("Y is a scalar; it needs one row per training example.")
+    return Y.reshape(Y.shape[0], -1)
+
+
+def _check_targets(Y: torch.Tensor) -> None:
+    if Y.dtype == torch.bool or not (Y.is_floating_point() or Y.is_complex()):
+        raise TypeError(
+            f"targets have dtype {Y.dtype}, which looks like class labels; the theory covers "
+            "squared error only (METHOD M1/M6). One-hot encode them and use float targets with "
+            "loss='mse'."
+        )
+    if Y.is_complex():
+        raise TypeError(f"targets must be real floating point; got {Y.dtype}.")
+
+
+def _rng_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def _restore_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = states
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _gather_batches(
+    data: Any, batch_to_xy: BatchToXY
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    # A shuffled DataLoader draws its permutation seed from the global RNG; restoring it keeps
+    # the user's training run identical with or without remlstop.
+    states = _rng_states()
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    try:
+        for i, batch in enumerate(data):
+            x, y = batch_to_xy(batch)
+            if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"batch {i}: x has shape {tuple(x.shape)} and y {tuple(y.shape)}; they need "
+                    "the same number of rows (first dimension)."
+                )
+            device = xs[0].device if xs else x.device
+            xs.append(x.detach().to(device))
+            ys.append(y.detach().to(device))
+    finally:
+        _restore_rng_states(states)
+    return xs, ys
+
+
+def _subset_rows(n: int, max_samples: int, generator: torch.Generator | int | None) -> torch.Tensor:
+    if isinstance(generator, torch.Generator):
+        gen = generator
+    else:
+        gen = torch.Generator().manual_seed(0 if generator is None else int(generator))
+    idx = torch.randperm(n, generator=gen, device=gen.device)[:max_samples]
+    return torch.sort(idx).values
+
+
+def collect_xy(
+    data: Any,
+    *,
+    batch_to_xy: BatchToXY | None = None,
+    max_samples: int | None = None,
+    generator: torch.Generator | int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All training rows as (X, Y): X (n, ...) and Y (n, ...) floating, detached (M1).
+
+    ``data``: an ``(X, Y)`` pair of tensors (or a dict batch) taken as one batch, or a
+    ``DataLoader``/iterable of batches, each split by ``batch_to_xy`` (default
+    :func:`default_batch_adapter`) and concatenated on the device of the first batch.
+    The global torch RNG (and CUDA RNGs) is saved before and restored after iterating, so
+    collecting from a shuffled ``DataLoader`` does not change the user's training run.
+
+    ``max_samples``: keep a uniformly random subset of that many rows (original order), drawn
+    from ``generator`` (a ``torch.Generator`` or an int seed; default seed 0), never from the
+    global RNG. The kernel, the test and REML are then computed on that subset, while the clock
+    (M2) still counts time on the full data. The full data is materialised before subsetting.
+    """
+    adapter = default_batch_adapter if batch_to_xy is None else batch_to_xy
+    one_batch = isinstance(data, Mapping) or (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(d, torch.Tensor) for d in data)
+    )
+    if isinstance(data, torch.Tensor) or not (one_batch or isinstance(data, Iterable)):
+        raise TypeError(
+            f"data must be an (X, Y) pair of tensors or an iterable of batches (e.g. a DataLoader); "
+            f"got {type(data).__name__}."
+        )
+    xs, ys = _gather_batches([data] if one_batch else data, adapter)
+    if not xs:
+        raise ValueError("the train dataloader yielded no batches; there is no data to collect.")
+    for y in ys:  # per batch: concatenation would promote integer labels mixed with floats
+        _check_targets(y)
+    try:
+        X, Y = torch.cat(xs), torch.cat(ys)
+    except RuntimeError as err:
+        raise ValueError(f"batches have inconsistent shapes beyond the first dimension: {err}") from err
+    _check_finite(X, "X")
+    _check_finite(Y, "Y")
+    n = X.shape[0]
+    if n < _MIN_ROWS:
+        raise ValueError(f"need at least {_MIN_ROWS} training rows; got {n}.")
+    if max_samples is not None:
+        if isinstance(max_samples, bool) or int(max_samples) != max_samples or max_samples < _MIN_ROWS:
+            raise ValueError(f"max_samples must be an integer >= {_MIN_ROWS}; got {max_samples!r}.")
+        if max_samples < n:
+            idx = _subset_rows(n, int(max_samples), generator).to(X.device)
+            X, Y = X[idx], Y[idx]
+    return X, Y
+
+
+def _check_finite(T: torch.Tensor, name: str) -> None:
+    if (T.is_floating_point() or T.is_complex()) and not bool(torch.isfinite(T).all()):
+        raise ValueError(f"{name} contains NaN or inf; clean the data before fitting.")
