@@ -5,8 +5,9 @@ from the host's CPU count. Where a container or a CI runner is given fewer cores
 has (a cgroup CPU quota, a CPU affinity mask), or where several pools spin at once, a dense
 ``eigh`` oversubscribes the cores it really has and can run two orders of magnitude slower.
 Every dense factorisation of the library runs under :func:`blas_threads`, which caps the pools
-at the cores this process may really use for the duration of the call only; the user's global
-settings are restored on exit.
+for the duration of the call only (the user's global settings are restored on exit): at the cores
+this process may really use, and at one thread for eigen-decompositions of moderate size, where
+threads buy little and contention costs a lot (measured in benchmarks/eigh_threads.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-__all__ = ["available_cpus", "blas_threads", "symmetric_eigh"]
+__all__ = ["available_cpus", "blas_threads", "eigh_threads", "symmetric_eigh"]
 
 
 def _cgroup_cpu_quota() -> float | None:
@@ -77,21 +78,33 @@ def blas_threads(limit: int | None = None) -> Iterator[int]:
                 torch.set_num_threads(previous)
 
 
+def eigh_threads(n: int) -> int:
+    """BLAS threads for a dense float64 ``eigh`` of an (n, n) matrix.
+
+    One thread below ``_SERIAL_EIGH_BELOW`` rows: the divide-and-conquer tridiagonal solver
+    gains little from threads at that size, and every extra thread is one more to collide with
+    torch's spinning OpenMP pool or another process (benchmarks/eigh_threads.py measures it).
+    """
+    return 1 if n < _SERIAL_EIGH_BELOW else available_cpus()
+
+
+_SERIAL_EIGH_BELOW = 4096
+
+
 def symmetric_eigh(matrix: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Eigen-decomposition of a symmetric matrix in float64: ``(eigenvalues, eigenvectors)``.
 
     Shapes: (N, N) in, (N,) ascending eigenvalues and (N, N) column eigenvectors out, both
     float64 numpy arrays on the CPU. A torch tensor on an accelerator is decomposed there
-    and only the results are copied back.
+    and only the results are copied back; on the CPU, LAPACK runs under :func:`blas_threads`
+    with :func:`eigh_threads` threads.
     """
     if isinstance(matrix, torch.Tensor):
-        t = matrix.detach().to(torch.float64)
-        if t.device.type == "cpu":
-            with blas_threads():
-                evals, evecs = torch.linalg.eigh(t)
-        else:
-            evals, evecs = torch.linalg.eigh(t)
-        return evals.cpu().numpy(), evecs.cpu().numpy()
-    with blas_threads():
-        evals, evecs = torch.linalg.eigh(torch.from_numpy(np.asarray(matrix, dtype=np.float64)))
-    return evals.numpy(), evecs.numpy()
+        if matrix.device.type != "cpu":
+            evals, evecs = torch.linalg.eigh(matrix.detach().to(torch.float64))
+            return evals.cpu().numpy(), evecs.cpu().numpy()
+        matrix = matrix.detach().numpy()
+    A = np.asarray(matrix, dtype=np.float64)
+    with blas_threads(eigh_threads(A.shape[0])):
+        evals, evecs = np.linalg.eigh(A)
+    return evals, evecs
