@@ -1,0 +1,510 @@
+"""REMLStopper: the framework-free state machine that decides whether to train and when to stop.
+
+Both the Lightning callback and plain training loops drive this one class; every number it
+reports is computed here once (METHOD M2 clock, M4 REML and trajectory rule, M5 test, M6 refresh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .clock import GradientFlowClock, LossSpec, loss_matched_time, parse_loss
+from .data import as_target_matrix, collect_xy
+from .ntk import empirical_ntk
+from .reml import REMLFit, reml_fit
+from .spectrum import KernelSpectrum
+from .vctest import VarianceComponentTest, variance_component_test
+
+__all__ = ["REMLStopper", "Decision", "Check"]
+
+logger = logging.getLogger("remlstop")
+
+_RULES = ("time", "trajectory")
+_ON_INSIGNIFICANT = ("stop", "warn", "continue")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :meth:`REMLStopper.start` decided before the first step.
+
+    Attributes:
+        train: whether training is warranted (the test rejects at ``alpha``, or the user chose
+            ``on_insignificant='continue'``/``'warn'``).
+        test: the variance-component test (M5).
+        fit: the REML fit (M4); ``fit.t`` is the target gradient-flow time.
+        target_steps: optimizer steps to reach ``fit.t`` at the learning rate held at start
+            (a schedule changes it; the clock counts the real steps).
+        dt_per_step: gradient-flow time per step at start (M2).
+        rule: 'time' or 'trajectory'.
+        kernel_path: which NTK path ran ('layerwise' or 'generic').
+        n_rows, n_outputs: training rows used for the kernel and outputs per row.
+        seconds: wall-clock seconds spent (collect, forward, kernel, spectrum, test, fit).
+    """
+
+    train: bool
+    test: VarianceComponentTest
+    fit: REMLFit
+    target_steps: float
+    dt_per_step: float
+    rule: str
+    kernel_path: str
+    n_rows: int
+    n_outputs: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lo, hi = self.fit.interval
+        verdict = "TRAIN" if self.train else "DO NOT TRAIN"
+        stop = (
+            f"stop at t-hat = {self.fit.t:.4g} (95% interval [{lo:.4g}, {hi:.4g}]) = "
+            f"{self.target_steps:.1f} steps at the current learning rate"
+            if math.isfinite(self.fit.t)
+            else "REML finds no finite stop time (the likelihood rises for ever)"
+        )
+        return "\n".join(
+            [
+                f"remlstop decision: {verdict}",
+                f"  {self.test.summary()}",
+                f"  {self.fit.summary()}",
+                f"  rule = {self.rule}: {stop}",
+                f"  kernel: {self.kernel_path} path, n = {self.n_rows} rows x K = "
+                f"{self.n_outputs} outputs; {sum(self.seconds.values()):.2f} s spent",
+            ]
+        )
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One entry of the stopper's history (units named: ``t`` is time, ``step`` is steps)."""
+
+    step: int
+    t: float
+    D: float | None = None
+    train_mse: float | None = None
+    drift: float | None = None
+    t_hat: float | None = None
+
+
+@contextlib.contextmanager
+def _evaluation(model: nn.Module) -> Iterator[None]:
+    """Deterministic, side-effect-free forward passes: eval mode, no grad, RNG untouched."""
+    modes = [(m, m.training) for m in model.modules()]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+
+
+def _outputs(model: nn.Module, X: torch.Tensor, n_rows: int) -> torch.Tensor:
+    out = model(X)
+    if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != n_rows:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the model's output has shape {shape} for {n_rows} input rows; remlstop needs one "
+            "output row per input row, shape (n,) or (n, K)."
+        )
+    return out.reshape(n_rows, -1)
+
+
+class REMLStopper:
+    """Decide whether to train and when to stop, from the training data alone.
+
+    Args:
+        model: the network being trained (any ``nn.Module``; its state is never disturbed).
+        data: training inputs X (with ``targets``), an ``(X, Y)`` pair, or a DataLoader of
+            batches split by ``batch_to_xy``.
+        targets: Y when ``data`` is the input tensor X.
+        optimizer: the optimizer whose learning rate drives the clock (M2).
+        loss: 'half_mse', 'mse', 'half_sum', 'sum' or an ``nn.MSELoss``; classification refused.
+        alpha: level of the variance-component test (M5).
+        rule: 'time' stops when the clock reaches t-hat; 'trajectory' stops at the first check
+            where D = u0^T H r - lambda-bar u0^T r <= 0 on the real residual r (M4).
+        check_every_n_steps: steps between checks (a check of the trajectory rule, or of a time
+            rule under an optimizer with no fixed time map, costs one forward pass over the
+            kernel rows).
+        refresh_every_n_steps: recompute the NTK at the current parameters every so many steps
+            and re-estimate t-hat (M6); None never refreshes.
+        on_insignificant: when the test does not reject: 'stop' (no update is warranted: the
+            first ``step()`` returns True and ``should_stop`` is True at once), 'warn' (log a
+            warning and follow the rule), 'continue' (follow the rule silently).
+        max_samples: compute the kernel, test and REML on a random subset of this many rows
+            (seeded by ``seed``); the clock still counts time on the full data, so the stop
+            time applies to the full run. None uses every row.
+        drift_threshold: warn when the relative kernel drift at a refresh exceeds this.
+        chunk_size: passed to :func:`remlstop.ntk.empirical_ntk`.
+        track_residual: record D and the training MSE at every check even under the time rule
+            (one forward pass each); defaults to True for the trajectory rule only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        targets: torch.Tensor | None = None,
+        *,
+        optimizer: torch.optim.Optimizer,
+        loss: str | nn.Module | LossSpec = "half_mse",
+        alpha: float = 0.05,
+        rule: str = "time",
+        check_every_n_steps: int = 1,
+        refresh_every_n_steps: int | None = None,
+        on_insignificant: str = "stop",
+        max_samples: int | None = None,
+        batch_to_xy: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        drift_threshold: float = 0.1,
+        chunk_size: int | None = None,
+        track_residual: bool | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        if rule not in _RULES:
+            raise ValueError(f"rule must be one of {_RULES}, got {rule!r}.")
+        if on_insignificant not in _ON_INSIGNIFICANT:
+            raise ValueError(
+                f"on_insignificant must be one of {_ON_INSIGNIFICANT}, got {on_insignificant!r}."
+            )
+        if isinstance(check_every_n_steps, bool) or int(check_every_n_steps) != check_every_n_steps \
+                or check_every_n_steps < 1:  # fmt: skip
+            raise ValueError(
+                f"check_every_n_steps must be an integer >= 1, got {check_every_n_steps!r}."
+            )
+        if refresh_every_n_steps is not None and (
+            int(refresh_every_n_steps) != refresh_every_n_steps or refresh_every_n_steps < 1
+        ):
+            raise ValueError(
+                "refresh_every_n_steps must be None or an integer >= 1, got "
+                f"{refresh_every_n_steps!r}."
+            )
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}.")
+        self.model = model
+        self.loss = parse_loss(loss)
+        self.optimizer = optimizer
+        self.alpha = float(alpha)
+        self.rule = rule
+        self.check_every_n_steps = int(check_every_n_steps)
+        self.refresh_every_n_steps = (
+            None if refresh_every_n_steps is None else int(refresh_every_n_steps)
+        )
+        self.on_insignificant = on_insignificant
+        self.max_samples = max_samples
+        self.drift_threshold = float(drift_threshold)
+        self.chunk_size = chunk_size
+        self.track_residual = rule == "trajectory" if track_residual is None else track_residual
+        self.seed = int(seed)
+        self._data = data if targets is None else (data, targets)
+        self._batch_to_xy = batch_to_xy
+        self.clock: GradientFlowClock | None = None
+        self.decision: Decision | None = None
+        self.history: list[Check] = []
+        self.should_stop = False
+        self.stop_step: int | None = None
+        self.stopping_reason = ""
+        # Quantities the rules read, set by start() or restored by load_state_dict().
+        self._X: torch.Tensor | None = None
+        self._Y: torch.Tensor | None = None
+        self._n_full: int | None = None
+        self._u0: torch.Tensor | None = None
+        self._Hu0: torch.Tensor | None = None
+        self._lam_bar = math.nan
+        self._t_target = math.nan
+        self._spectrum0: KernelSpectrum | None = None
+        self._spectrum: KernelSpectrum | None = None
+        self._H0: torch.Tensor | None = None
+        self._restored = False
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> Decision:
+        """Collect (X, Y), compute f0, the NTK, the test (M5) and REML (M4); before step 1.
+
+        After :meth:`load_state_dict` the saved decision is kept (the parameters have moved, so
+        recomputing the kernel would answer a different question) and only the data is reloaded
+        for the trajectory checks.
+        """
+        seconds: dict[str, float] = {}
+        tic = time.perf_counter()
+        X, Y = collect_xy(self._data, batch_to_xy=self._batch_to_xy)
+        self._n_full = X.shape[0]
+        if self.max_samples is not None and self.max_samples < X.shape[0]:
+            X, Y = collect_xy((X, Y), max_samples=self.max_samples, generator=self.seed)
+        Y = as_target_matrix(Y)
+        seconds["collect"] = time.perf_counter() - tic
+        device = _model_device(self.model)
+        self._X = X.to(device)
+        self._Y = Y.to(device)
+        if self.clock is None:
+            self.clock = GradientFlowClock(self.optimizer, self.loss, n_total=self._n_full)
+        self.clock.n_total = self._n_full
+        if self._restored and self.decision is not None:
+            return self.decision
+
+        tic = time.perf_counter()
+        with _evaluation(self.model):
+            f0 = _outputs(self.model, self._X, self._X.shape[0])
+        if f0.shape != self._Y.shape:
+            raise ValueError(
+                f"targets have shape {tuple(self._Y.shape)} (as (n, K)) but the model outputs "
+                f"{tuple(f0.shape)}; give one target per model output."
+            )
+        if not bool(torch.isfinite(f0).all()):
+            raise ValueError(
+                "the model's initial outputs contain NaN or inf; check the initialisation and "
+                "the input scaling."
+            )
+        u0 = (self._Y.to(torch.float64) - f0.to(torch.float64)).reshape(-1)
+        seconds["forward"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        H, info = empirical_ntk(self.model, self._X, chunk_size=self.chunk_size, return_info=True)
+        seconds["kernel"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        spectrum = KernelSpectrum.from_kernel(H, u0)
+        seconds["spectrum"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        test = variance_component_test(spectrum, alpha=self.alpha)
+        seconds["test"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        fit = reml_fit(spectrum)
+        seconds["fit"] = time.perf_counter() - tic
+
+        self._spectrum0 = self._spectrum = spectrum
+        self._set_kernel(H, u0, fit)
+        if self.refresh_every_n_steps is not None:
+            self._H0 = H
+        dt = self._dt_now()
+        train = test.train or self.on_insignificant != "stop"
+        self.decision = Decision(
+            train=train,
+            test=test,
+            fit=fit,
+            target_steps=fit.t / dt if dt > 0 else math.inf,
+            dt_per_step=dt,
+            rule=self.rule,
+            kernel_path=info.path,
+            n_rows=int(self._X.shape[0]),
+            n_outputs=int(self._Y.shape[1]),
+            seconds=seconds,
+        )
+        logger.info("%s", self.decision.summary())
+        if not test.train:
+            if self.on_insignificant == "stop":
+                self._stop(0, "the variance-component test finds no signal to learn "
+                              f"(p = {test.pvalue:.3g} >= alpha = {self.alpha:g})")  # fmt: skip
+            elif self.on_insignificant == "warn":
+                warnings.warn(
+                    f"the variance-component test finds no signal to learn (p = "
+                    f"{test.pvalue:.3g}); training anyway because on_insignificant='warn'.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if not math.isfinite(fit.t) and self.rule == "time":
+            warnings.warn(
+                "REML finds no finite stop time; the time rule will not stop this run.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self.decision
+
+    def _set_kernel(self, H: torch.Tensor, u0: torch.Tensor, fit: REMLFit) -> None:
+        u0 = u0.to(H.device)
+        self._u0 = u0
+        self._Hu0 = H @ u0
+        self._lam_bar = float(torch.diagonal(H).sum()) / u0.numel()
+        self._t_target = fit.t
+
+    def _dt_now(self, batch_size_rows: int | None = None) -> float:
+        assert self.clock is not None
+        return self.clock.dt_per_step(batch_size_rows, n_outputs=int(self._Y.shape[1]))
+
+    # ------------------------------------------------------------------ step
+    @property
+    def started(self) -> bool:
+        return self.decision is not None
+
+    @property
+    def t_target(self) -> float:
+        """The current target gradient-flow time (t-hat, re-estimated at refreshes)."""
+        return self._t_target
+
+    def step(self, *, dt: float | None = None, batch_size_rows: int | None = None) -> bool:
+        """Count one optimizer step and return True when the rule says stop (M2, M4).
+
+        Call it after ``optimizer.step()`` and before ``scheduler.step()``, so the clock reads
+        the learning rate the step used; or pass ``dt`` read earlier (the Lightning callback
+        reads it before the optimizer step). ``batch_size_rows`` is needed for sum-reduced
+        losses only.
+        """
+        if not self.started:
+            raise RuntimeError("call start() before the first step() (it computes the decision).")
+        assert self.clock is not None
+        if self.should_stop:
+            return True
+        step_dt = self._dt_now(batch_size_rows) if dt is None else float(dt)
+        self.clock.t += step_dt
+        self.clock.steps += 1
+        k = self.clock.steps
+
+        if self.refresh_every_n_steps is not None and k % self.refresh_every_n_steps == 0:
+            self._refresh(k)
+        if k % self.check_every_n_steps != 0:
+            return False
+        need_residual = (
+            self.track_residual or self.rule == "trajectory" or not self.clock.fixed_map
+        )
+        D = mse = None
+        t_now = self.clock.t
+        if need_residual:
+            D, mse, r_norm2 = self._residual_check()
+            if not self.clock.fixed_map:
+                # Loss-matched clock (M2): the time at which the linear flow has this residual.
+                assert self._spectrum is not None
+                t_now = loss_matched_time(
+                    self._spectrum.eigenvalues, self._spectrum.z, r_norm2
+                )  # fmt: skip
+        self.history.append(Check(step=k, t=t_now, D=D, train_mse=mse))
+        if self.rule == "trajectory":
+            if D is not None and D <= 0:
+                self._stop(k, f"trajectory rule: D = {D:.3g} <= 0 at step {k}")
+        # Under a fixed time map the stop goes to the step nearest t-hat; the loss-matched
+        # clock has no step size of its own, so there the first check past t-hat stops.
+        elif t_now + (0.5 * step_dt if self.clock.fixed_map else 0.0) >= self._t_target:
+            self._stop(k, f"time rule: t = {t_now:.4g} reached t-hat = {self._t_target:.4g}")
+        return self.should_stop
+
+    def _residual_check(self) -> tuple[float, float, float]:
+        """D = u0^T H r - lambda-bar u0^T r on the real residual r (M4), the MSE and ||r||^2."""
+        with _evaluation(self.model):
+            f = _outputs(self.model, self._X, self._X.shape[0])
+        if not bool(torch.isfinite(f).all()):
+            raise FloatingPointError(
+                "the model's outputs became NaN or inf during training (diverged): lower the "
+                "learning rate."
+            )
+        r = (self._Y.to(torch.float64) - f.to(torch.float64)).reshape(-1).to(self._u0.device)
+        D = float(self._Hu0 @ r - self._lam_bar * (self._u0 @ r))
+        r_norm2 = float(r @ r)
+        return D, r_norm2 / r.numel(), r_norm2
+
+    def _refresh(self, k: int) -> None:
+        """Recompute the NTK at the current parameters, record drift, re-estimate t-hat (M6)."""
+        H, _ = empirical_ntk(self.model, self._X, chunk_size=self.chunk_size, return_info=True)
+        drift = math.nan
+        if self._H0 is not None:
+            drift = float(torch.linalg.norm(H - self._H0) / torch.linalg.norm(self._H0))
+        spectrum = KernelSpectrum.from_kernel(H, self._u0)
+        fit = reml_fit(spectrum)
+        self._spectrum = spectrum
+        self._set_kernel(H, self._u0, fit)
+        self.history.append(Check(step=k, t=self.clock.t, drift=drift, t_hat=fit.t))
+        logger.info("refresh at step %d: drift %.3g, t-hat %.4g", k, drift, fit.t)
+        if drift > self.drift_threshold:
+            warnings.warn(
+                f"the NTK drifted by {drift:.1%} (relative Frobenius) at step {k}: the network "
+                "is leaving the linearised regime the theory assumes (METHOD M6).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _stop(self, k: int, reason: str) -> None:
+        self.should_stop = True
+        self.stop_step = k
+        self.stopping_reason = reason
+        logger.info("remlstop: stop at step %d (%s)", k, reason)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume and stop on exactly the same step.
+
+        Only tensors and plain Python values, so checkpoints load with ``weights_only=True``;
+        the decision is rebuilt from the saved initial spectrum on load (cheap and exact).
+        """
+        if not self.started:
+            return {}
+        assert self.clock is not None and self.decision is not None
+        d = self.decision
+        return {
+            "clock": self.clock.state_dict(),
+            "should_stop": self.should_stop,
+            "stop_step": self.stop_step,
+            "stopping_reason": self.stopping_reason,
+            "t_target": self._t_target,
+            "lam_bar": self._lam_bar,
+            "u0": self._u0.detach().cpu(),
+            "Hu0": self._Hu0.detach().cpu(),
+            "spectrum0": _spectrum_state(self._spectrum0),
+            "spectrum": _spectrum_state(self._spectrum),
+            "H0": None if self._H0 is None else self._H0.detach().cpu(),
+            "decision": {
+                "train": d.train, "target_steps": d.target_steps, "dt_per_step": d.dt_per_step,
+                "kernel_path": d.kernel_path, "n_rows": d.n_rows, "n_outputs": d.n_outputs,
+                "seconds": dict(d.seconds),
+            },
+            "history": [asdict(c) for c in self.history],
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`; ``start()`` then keeps the decision."""
+        if not state:
+            return
+        device = _model_device(self.model)
+        self.clock = GradientFlowClock(self.optimizer, self.loss)
+        self.clock.load_state_dict(state["clock"])
+        self.should_stop = bool(state["should_stop"])
+        self.stop_step = state["stop_step"]
+        self.stopping_reason = state["stopping_reason"]
+        self._t_target = float(state["t_target"])
+        self._lam_bar = float(state["lam_bar"])
+        self._u0 = state["u0"].to(device)
+        self._Hu0 = state["Hu0"].to(device)
+        self._spectrum0 = _spectrum_from_state(state["spectrum0"])
+        self._spectrum = _spectrum_from_state(state["spectrum"])
+        self._H0 = None if state["H0"] is None else state["H0"].to(device)
+        self.decision = Decision(
+            test=variance_component_test(self._spectrum0, alpha=self.alpha),
+            fit=reml_fit(self._spectrum0),
+            rule=self.rule,
+            **state["decision"],
+        )
+        self.history = [Check(**c) for c in state["history"]]
+        self._restored = True
+
+
+def _spectrum_state(spectrum: KernelSpectrum) -> dict[str, Any]:
+    return {
+        "eigenvalues": torch.from_numpy(spectrum.eigenvalues.copy()),
+        "z": torch.from_numpy(spectrum.z.copy()),
+        "n_fixed": spectrum.n_fixed,
+        "clipped_mass": spectrum.clipped_mass,
+    }
+
+
+def _spectrum_from_state(state: dict[str, Any]) -> KernelSpectrum:
+    return KernelSpectrum.from_eigen(
+        state["eigenvalues"].numpy(), state["z"].numpy(),
+        n_fixed=state["n_fixed"], clipped_mass=state["clipped_mass"],
+    )  # fmt: skip
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")

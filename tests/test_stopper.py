@@ -1,0 +1,276 @@
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from remlstop.datasets import paper_mlp, paper_simple_function
+from remlstop.stopper import REMLStopper
+
+
+def _setup(seed=0, n=200, width=64, lr=0.05, noise_only=False, **kwargs):
+    x, y, _, _ = paper_simple_function(n=n + 50, n_train=n, seed=seed)
+    if noise_only:
+        y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
+    model = paper_mlp(width=width, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    stopper = REMLStopper(model, x, y, optimizer=opt, loss="half_mse", **kwargs)
+    return model, opt, stopper, x, y
+
+
+def _gd_step(model, opt, x, y):
+    opt.zero_grad()
+    loss = 0.5 * ((model(x) - y) ** 2).mean()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _run(model, opt, stopper, x, y, max_steps=3000, scheduler=None):
+    for k in range(1, max_steps + 1):
+        _gd_step(model, opt, x, y)
+        stop = stopper.step()
+        if scheduler is not None:
+            scheduler.step()
+        if stop:
+            return k
+    return None
+
+
+def test_time_rule_stops_at_the_rounded_target_step():
+    model, opt, stopper, x, y = _setup()
+    decision = stopper.start()
+    assert decision.train and decision.test.pvalue < 0.05
+    assert decision.dt_per_step == pytest.approx(0.05)  # half-MSE: dt = 2 * 0.5 * lr
+    expected = round(decision.fit.t / 0.05)
+    assert 5 < expected < 3000
+    assert _run(model, opt, stopper, x, y) == expected == stopper.stop_step
+    assert "time rule" in stopper.stopping_reason
+    assert stopper.step() is True  # latched
+
+
+def test_decision_is_printable_and_states_units():
+    _, _, stopper, _, _ = _setup()
+    text = str(stopper.start())
+    assert "TRAIN" in text and "t-hat" in text and "steps" in text and "layerwise" in text
+
+
+def test_insignificant_test_stops_before_any_update():
+    model, opt, stopper, x, y = _setup(noise_only=True, seed=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    decision = stopper.start()
+    assert not decision.test.train and not decision.train
+    assert stopper.should_stop and stopper.stop_step == 0
+    assert stopper.step() is True
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_insignificant_with_warn_trains_on():
+    _, _, stopper, _, _ = _setup(noise_only=True, seed=3, on_insignificant="warn")
+    with pytest.warns(UserWarning, match="no signal"):
+        decision = stopper.start()
+    assert decision.train and not stopper.should_stop
+
+
+def test_scheduler_changes_the_stop_step_as_the_clock_says():
+    model, opt, stopper, x, y = _setup()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=40, gamma=0.8)
+    t_hat = stopper.start().fit.t
+    t, k, expected = 0.0, 0, None
+    lr = 0.05
+    assert t_hat < lr * 40 / (1 - 0.8)  # reachable under the decaying schedule
+    while expected is None:
+        k += 1
+        dt = lr * 0.8 ** ((k - 1) // 40)
+        t += dt
+        if t + 0.5 * dt >= t_hat:
+            expected = k
+    stop = _run(model, opt, stopper, x, y, scheduler=sched)
+    assert stop == expected
+    assert stop != round(t_hat / lr)
+
+
+def test_momentum_speeds_the_clock_up():
+    model, opt, stopper, x, y = _setup(lr=0.01)
+    opt.param_groups[0]["momentum"] = 0.5
+    decision = stopper.start()
+    assert decision.dt_per_step == pytest.approx(0.01 / 0.5)
+
+
+def test_adam_warns_and_uses_the_loss_matched_clock():
+    x, y, _, _ = paper_simple_function(n=250, n_train=200)
+    model = paper_mlp(width=64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.warns(RuntimeWarning, match="no fixed map"):
+        stopper = REMLStopper(model, x, y, optimizer=opt)
+        stopper.start()
+    stop = _run(model, opt, stopper, x, y, max_steps=2000)
+    assert stop is not None
+    assert stopper.history[-1].t >= stopper.t_target - 1e-9 or stopper.history[-1].t > 0
+
+
+def test_resume_from_state_dict_stops_on_the_same_step():
+    model, opt, stopper, x, y = _setup(seed=1)
+    stopper.start()
+    full = _run(model, opt, stopper, x, y)
+
+    model, opt, stopper, x, y = _setup(seed=1)
+    stopper.start()
+    for _ in range(full // 2):
+        _gd_step(model, opt, x, y)
+        assert not stopper.step()
+    saved = (stopper.state_dict(), model.state_dict(), opt.state_dict())
+    torch.save(saved, buf := __import__("io").BytesIO())
+    buf.seek(0)
+    state, model_state, opt_state = torch.load(buf, weights_only=True)
+
+    model2 = paper_mlp(width=64, seed=99)
+    model2.load_state_dict(model_state)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
+    opt2.load_state_dict(opt_state)
+    resumed = REMLStopper(model2, x, y, optimizer=opt2, loss="half_mse")
+    resumed.load_state_dict(state)
+    decision = resumed.start()
+    assert decision.fit.t == pytest.approx(stopper.decision.fit.t, rel=1e-12)
+    k = full // 2 + _run(model2, opt2, resumed, x, y)
+    assert k == full == resumed.stop_step
+
+
+class Linearised(nn.Module):
+    """f_lin(x; theta) = f(x; theta0) + J0 (theta - theta0): the lazy-training limit."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.theta0 = {k: v.detach().clone() for k, v in net.named_parameters()}
+        self.delta = nn.ParameterDict(
+            {k.replace(".", "_"): nn.Parameter(torch.zeros_like(v)) for k, v in self.theta0.items()}
+        )
+        for p in net.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        names = list(self.theta0)
+
+        def f(*params):
+            return torch.func.functional_call(self.net, dict(zip(names, params)), (x,))
+
+        tangents = tuple(self.delta[k.replace(".", "_")] for k in names)
+        out, jv = torch.func.jvp(f, tuple(self.theta0[k] for k in names), tangents)
+        return out + jv
+
+
+def test_trajectory_rule_on_a_linearised_network_matches_the_spectrum():
+    """On f_lin trained by full-batch GD, the real residual is (I - lr H)^k u0 exactly (M2), so
+    the trajectory rule must stop where D_k = sum_j (lambda_j - lambda-bar) z_j^2 (1 - lr
+    lambda_j)^k first turns <= 0; the time rule's continuous clock stops close by."""
+    x, y, _, _ = paper_simple_function(n=150, n_train=100, seed=4)
+    x, y = x.double(), y.double()
+    lr = 0.02
+    model = Linearised(paper_mlp(width=64, seed=4).double())
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    stopper = REMLStopper(model, x, y, optimizer=opt, rule="trajectory")
+    decision = stopper.start()
+    lam = torch.from_numpy(stopper._spectrum.eigenvalues)
+    z2 = torch.from_numpy(stopper._spectrum.z) ** 2
+    k_discrete = next(
+        k for k in range(1, 5000)
+        if float(((lam - lam.mean()) * z2 * (1 - lr * lam) ** k).sum()) <= 0
+    )  # fmt: skip
+    stop = _run(model, opt, stopper, x, y)
+    assert stop is not None and stop > 10
+    assert abs(stop - k_discrete) <= 1
+    time_rule_stop = round(decision.fit.t / lr)
+    assert abs(time_rule_stop - stop) <= max(1, 0.05 * stop)
+
+
+def test_stopper_does_not_disturb_training():
+    """Parameters, optimizer state and RNG identical with and without the stopper."""
+    def train(with_stopper: bool, steps: int = 30):
+        model, opt, stopper, x, y = _setup(seed=2, rule="trajectory")
+        model.train()
+        drop = nn.Dropout(0.1)
+        torch.manual_seed(123)
+        if with_stopper:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                stopper.start()
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = 0.5 * ((drop(model(x)) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            if with_stopper:
+                stopper.step()
+        return model.state_dict(), opt.state_dict(), torch.rand(3), model.training
+
+    a, b = train(False), train(True)
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert a[1] == b[1] or str(a[1]) == str(b[1])
+    assert torch.equal(a[2], b[2]) and a[3] == b[3]
+
+
+def test_refresh_records_drift_and_warns_past_the_threshold():
+    model, opt, stopper, x, y = _setup(refresh_every_n_steps=10, drift_threshold=1e-9)
+    stopper.start()
+    with pytest.warns(RuntimeWarning, match="drifted"):
+        for _ in range(10):
+            _gd_step(model, opt, x, y)
+            stopper.step()
+    refresh = [c for c in stopper.history if c.drift is not None]
+    assert len(refresh) == 1 and refresh[0].step == 10
+    assert 0 < refresh[0].drift < 1 and refresh[0].t_hat > 0
+    assert stopper.t_target == refresh[0].t_hat
+
+
+def test_dataloader_and_max_samples():
+    x, y, _, _ = paper_simple_function(n=300, n_train=240)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True
+    )
+    model = paper_mlp(width=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    state = torch.random.get_rng_state()
+    stopper = REMLStopper(model, loader, optimizer=opt, max_samples=100)
+    decision = stopper.start()
+    assert decision.n_rows == 100
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"check_every_n_steps": 0}, ValueError, "check_every_n_steps"),
+        ({"rule": "patience"}, ValueError, "rule"),
+        ({"on_insignificant": "ignore"}, ValueError, "on_insignificant"),
+        ({"loss": "cross_entropy"}, ValueError, "one-hot"),
+        ({"alpha": 0.0}, ValueError, "alpha"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, error, match):
+    x, y, _, _ = paper_simple_function(n=60, n_train=50)
+    model = paper_mlp(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(error, match=match):
+        REMLStopper(model, x, y, optimizer=opt, **kwargs)
+
+
+def test_bad_data_is_refused_at_start():
+    x, y, _, _ = paper_simple_function(n=60, n_train=50)
+    model = paper_mlp(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="shape"):
+        REMLStopper(model, x, torch.randn(50, 2), optimizer=opt).start()
+    with pytest.raises(TypeError, match="class labels"):
+        REMLStopper(model, x, torch.randint(0, 2, (50,)), optimizer=opt).start()
+    with pytest.raises(ValueError, match="no batches"):
+        empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:0], y[:0]))
+        REMLStopper(model, empty, optimizer=opt).start()
+    nan_model = paper_mlp(width=8)
+    with torch.no_grad():
+        nan_model[0].bias.fill_(math.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        REMLStopper(nan_model, x, y, optimizer=opt).start()
+    with pytest.raises(RuntimeError, match="start"):
+        REMLStopper(model, x, y, optimizer=opt).step()
