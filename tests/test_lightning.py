@@ -1,0 +1,486 @@
+"""End-to-end tests of the Lightning adapter ``remlstop.lightning`` (METHOD M2, M4, M5).
+
+Small ReLU MLPs (10 -> 64 -> 64 -> 1) on the paper's simple-function data, SGD, half-MSE
+``0.5 * mean((f - y)**2)``: the REML target is a few dozen to a few hundred steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from remlstop.datasets import paper_simple_function  # noqa: E402
+from remlstop.lightning import REMLEarlyStopping, callback_class  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRAIN = 200
+A = 0.5  # half-MSE: dt = 2 a lr per step (M2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: intra-op threads only contend (and slow Lightning's loop by 10x on 2 cores).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*litlogger.*")
+        yield
+
+
+def _data(n_train: int = N_TRAIN, noise: bool = False):
+    x, y, _, _ = paper_simple_function(n=n_train + 50, n_train=n_train, seed=0)
+    if noise:  # targets independent of the inputs: nothing to learn
+        y = torch.randn(n_train, 1, generator=torch.Generator().manual_seed(3))
+    return x, y
+
+
+def _module_class(pkg):
+    class Regressor(pkg.LightningModule):
+        def __init__(self, lr=0.05, momentum=0.0, optimizer="sgd", schedule=None, loss="half_mse",
+                     n_optimizers=1):  # fmt: skip
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(
+                nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
+            )
+            self.lr, self.momentum, self.opt, self.schedule = lr, momentum, optimizer, schedule
+            self.loss_name, self.n_optimizers = loss, n_optimizers
+            if n_optimizers > 1:
+                self.automatic_optimization = False
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            r = self(x) - y
+            loss = 0.5 * (r**2).sum() if self.loss_name == "half_sum" else 0.5 * (r**2).mean()
+            if not self.automatic_optimization:
+                opts = self.optimizers()
+                for opt in opts:
+                    opt.zero_grad()
+                self.manual_backward(loss)
+                for opt in opts:
+                    opt.step()
+            return loss
+
+        def configure_optimizers(self):
+            if self.opt == "adam":
+                return torch.optim.Adam(self.parameters(), lr=self.lr)
+            if self.n_optimizers > 1:
+                return [torch.optim.SGD(self.net[:2].parameters(), lr=self.lr),
+                        torch.optim.SGD(self.net[2:].parameters(), lr=self.lr)]  # fmt: skip
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+            if self.schedule is None:
+                return opt
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return Regressor
+
+
+Regressor = _module_class(pl)
+
+
+def _trainer(callbacks, pkg=pl, **kw):
+    kw.setdefault("max_epochs", 5000)
+    return pkg.Trainer(
+        callbacks=callbacks, accelerator="cpu", devices=1, enable_progress_bar=False,
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+        num_sanity_val_steps=0, **kw,
+    )  # fmt: skip
+
+
+def _loader(x, y, batch_size=N_TRAIN, shuffle=False):
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, num_workers=0)
+
+
+def _expected_stop(t_hat: float, dts) -> int:
+    """First step k with t_k + dt_k / 2 >= t-hat, t_k the summed Δt (M2 time rule)."""
+    t = 0.0
+    for k, dt in enumerate(dts, start=1):
+        t += dt
+        if t + 0.5 * dt >= t_hat:
+            return k
+    raise AssertionError("no stop within the schedule")
+
+
+def _fit(lr=0.05, batch_size=N_TRAIN, cb_kwargs=None, trainer_kwargs=None, module_kwargs=None,
+         data=None, shuffle=False):  # fmt: skip
+    x, y = _data() if data is None else data
+    cb = REMLEarlyStopping(**(cb_kwargs or {}))
+    model = Regressor(lr=lr, **(module_kwargs or {}))
+    trainer = _trainer([cb], **(trainer_kwargs or {}))
+    trainer.fit(model, _loader(x, y, batch_size, shuffle))
+    return trainer, cb, model
+
+
+# ------------------------------------------------------------------------- time rule
+def test_stops_exactly_at_target_step_full_batch():
+    trainer, cb, _ = _fit(lr=0.05)
+    d = cb.decision
+    assert d is not None and d.train and d.rule == "time"
+    dt = 2 * A * 0.05
+    assert d.dt_per_step == pytest.approx(dt)
+    expected = round(d.fit.t / dt)
+    assert 20 <= expected <= 500
+    assert trainer.global_step == expected == cb.stopper.stop_step == cb.stopped_step
+    assert trainer.should_stop and cb.stopping_reason_message.startswith("REMLEarlyStopping")
+    assert trainer.current_epoch == cb.stopped_epoch + 1  # full batch: one step per epoch
+    # history, decision and metrics are reachable from the callback
+    assert len(cb.history) == expected and cb.history[-1].step == expected
+    for name in ("pvalue", "t_hat", "target_steps", "df", "t"):
+        assert f"remlstop/{name}" in trainer.callback_metrics
+    assert float(trainer.callback_metrics["remlstop/t_hat"]) == pytest.approx(d.fit.t, rel=1e-6)
+    assert cb.metrics["remlstop/t"] == pytest.approx(expected * dt)
+
+
+def test_stops_mid_epoch_with_mini_batches(caplog):
+    batch_size = 32  # 200 rows: 7 batches per epoch
+    with caplog.at_level(logging.INFO):
+        trainer, cb, _ = _fit(lr=0.05, batch_size=batch_size, cb_kwargs={"verbose": True})
+    assert "remlstop decision: TRAIN" in caplog.text  # verbose: the decision and the stop
+    assert "Signaling Trainer to stop" in caplog.text
+    expected = round(cb.decision.fit.t / (2 * A * 0.05))
+    batches_per_epoch = math.ceil(N_TRAIN / batch_size)
+    assert expected % batches_per_epoch != 0, "pick data so that the target falls mid-epoch"
+    assert trainer.global_step == expected
+    assert cb.stopped_epoch == expected // batches_per_epoch  # the epoch the stop fell in
+    assert trainer.current_epoch == cb.stopped_epoch + 1  # Lightning closes the cut epoch
+
+
+def test_gradient_accumulation_counts_optimizer_steps_only():
+    trainer, cb, _ = _fit(lr=0.05, batch_size=32, trainer_kwargs={"accumulate_grad_batches": 2})
+    expected = round(cb.decision.fit.t / (2 * A * 0.05))
+    assert trainer.global_step == expected == cb.stopper.clock.steps
+
+
+def test_sum_reduced_loss_scales_time_by_batch_rows():
+    batch_size = 40  # equal batches: dt = 2 a lr B per step (M2, sum reduction)
+    lr = 0.05 / batch_size
+    trainer, cb, _ = _fit(
+        lr=lr, batch_size=batch_size, cb_kwargs={"loss": "half_sum"},
+        module_kwargs={"loss": "half_sum"},
+    )  # fmt: skip
+    dt = 2 * A * lr * batch_size
+    assert trainer.global_step == round(cb.decision.fit.t / dt)
+
+
+def test_trajectory_rule_stops_where_D_turns_non_positive():
+    trainer, cb, _ = _fit(lr=0.05, cb_kwargs={"rule": "trajectory"})
+    D = [c.D for c in cb.history]
+    assert trainer.global_step == cb.stopper.stop_step == len(D)
+    assert D[-1] <= 0 < min(D[:-1])
+    assert "remlstop/D" in trainer.callback_metrics
+    assert cb.metrics["remlstop/D"] == D[-1]
+
+
+def test_callback_reused_for_a_second_fit_starts_afresh():
+    x, y = _data()
+    cb = REMLEarlyStopping()
+    first = _trainer([cb])
+    first.fit(Regressor(lr=0.05), _loader(x, y))
+    second = _trainer([cb])
+    second.fit(Regressor(lr=0.025), _loader(x, y))
+    assert first.global_step == round(cb.decision.fit.t / (2 * A * 0.05))
+    assert second.global_step == round(cb.decision.fit.t / (2 * A * 0.025)) == cb.stopped_step
+
+
+def test_refresh_re_estimates_t_hat_and_still_stops_on_the_clock():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # drift warnings: a width-64 net moves
+        trainer, cb, _ = _fit(lr=0.05, cb_kwargs={"refresh_every_n_steps": 20})
+    refreshes = [c for c in cb.history if c.drift is not None]
+    assert refreshes and all(c.step % 20 == 0 for c in refreshes)
+    assert cb.metrics["remlstop/t_hat"] == cb.stopper.t_target == refreshes[-1].t_hat
+    dt = 2 * A * 0.05
+    k = trainer.global_step
+    assert k == cb.stopper.stop_step and (k - 0.5) * dt <= cb.stopper.t_target + 1e-12
+
+
+# --------------------------------------------------------------------- import paths
+def test_lightning_pytorch_import_path_gives_the_same_stop():
+    L = pytest.importorskip("lightning.pytorch")
+    from remlstop.lightning import REMLEarlyStoppingL
+
+    assert issubclass(REMLEarlyStoppingL, L.callbacks.EarlyStopping)
+    assert issubclass(REMLEarlyStopping, pl.callbacks.EarlyStopping)
+    assert callback_class("lightning.pytorch") is REMLEarlyStoppingL
+    x, y = _data()
+    cb = REMLEarlyStoppingL()
+    trainer = _trainer([cb], pkg=L)
+    trainer.fit(_module_class(L)(lr=0.05), _loader(x, y))
+    assert trainer.global_step == round(cb.decision.fit.t / (2 * A * 0.05))
+
+
+def test_mismatched_trainer_is_refused():
+    L = pytest.importorskip("lightning.pytorch")
+    from remlstop.lightning import REMLEarlyStoppingL
+
+    x, y = _data()
+    with pytest.raises(TypeError, match=r"REMLEarlyStopping with pytorch_lightning\.Trainer"):
+        _trainer([REMLEarlyStoppingL()], max_steps=2).fit(Regressor(), _loader(x, y))
+    with pytest.raises(TypeError, match=r"REMLEarlyStoppingL with lightning\.pytorch\.Trainer"):
+        _trainer([REMLEarlyStopping()], pkg=L, max_steps=2).fit(
+            _module_class(L)(), _loader(x, y)
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- checkpoints
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.parametrize("how", ["max_steps", "model_checkpoint"])
+def test_resume_from_checkpoint_stops_on_the_same_step(tmp_path, how):
+    x, y = _data()
+    if how == "max_steps":  # a first run cut short, saved after fit
+        full, cb_full, _ = _fit(lr=0.05)
+        stop = full.global_step
+        first = _trainer([REMLEarlyStopping()], max_steps=stop // 2)
+        first.fit(Regressor(lr=0.05), _loader(x, y))
+        assert first.global_step == stop // 2 and not first.callbacks[0].stopper.should_stop
+        ckpt, saved_step = tmp_path / "half.ckpt", stop // 2
+        first.save_checkpoint(ckpt)
+    else:  # ModelCheckpoint inside the uninterrupted run (it runs after our hooks)
+        cb_full = REMLEarlyStopping()
+        ckpt_cb = pl.callbacks.ModelCheckpoint(
+            dirpath=tmp_path, every_n_train_steps=20, save_top_k=-1, filename="{step}"
+        )  # fmt: skip
+        full = pl.Trainer(
+            callbacks=[cb_full, ckpt_cb], max_epochs=5000, enable_progress_bar=False,
+            logger=False, enable_model_summary=False,
+        )  # fmt: skip
+        full.fit(Regressor(lr=0.05), _loader(x, y))
+        stop = full.global_step
+        ckpt, saved_step = tmp_path / "step=40.ckpt", 40
+        assert stop > saved_step and ckpt.exists()
+    state = torch.load(ckpt, weights_only=True)  # tensors and plain values only
+    (key,) = [k for k in state["callbacks"] if k.startswith("REMLEarlyStopping")]
+    assert state["callbacks"][key]["stopper"]["clock"]["steps"] == saved_step
+
+    cb = REMLEarlyStopping()
+    resumed = _trainer([cb])
+    resumed.fit(Regressor(lr=0.05), _loader(x, y), ckpt_path=ckpt, weights_only=True)
+    assert resumed.global_step == stop == cb.stopper.stop_step == cb_full.stopper.stop_step
+    assert cb.decision.fit.t == pytest.approx(cb_full.decision.fit.t, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ DDP
+def test_ddp_two_processes_stop_on_the_same_step_as_one(tmp_path):
+    pytest.importorskip("torch.distributed")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    results = {}
+    n_train = 201  # odd: the DistributedSampler pads one row, which must be counted once
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        out.mkdir()
+        if devices == 1:  # in-process: the same script's code path, without a process start
+            from tests import _ddp_script
+
+            _ddp_script.run(str(out), 1, n_train)
+        else:
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "tests" / "_ddp_script.py"), str(out), str(devices),
+                 str(n_train)],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-4000:]
+        results[devices] = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    (single,) = results[1]
+    ranks = results[2]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
+    for r in ranks:
+        assert r["n_rows"] == n_train
+        assert r["data_digest"] == single["data_digest"]  # the gathered data, in order
+        assert r["t_hat"] == single["t_hat"]
+        assert r["global_step"] == r["stop_step"] == single["global_step"]
+    assert single["global_step"] == round(single["t_hat"] / single["dt"])
+
+
+# ------------------------------------------------------------------- clock variants
+def test_step_interval_lr_scheduler_changes_the_stop_as_the_clock_says():
+    lr, drop_at = 0.05, 20
+
+    def schedule(k):  # LambdaLR: the lr of step k + 1 is lr * schedule(k)
+        return 1.0 if k < drop_at else 0.25
+
+    trainer, cb, _ = _fit(lr=lr, module_kwargs={"schedule": schedule})
+    t_hat = cb.decision.fit.t
+    expected = _expected_stop(t_hat, [2 * A * lr * schedule(k) for k in range(100_000)])
+    constant = _expected_stop(t_hat, [2 * A * lr] * 100_000)
+    assert expected > constant + 10
+    assert trainer.global_step == expected
+    assert cb.stopper.clock.t == pytest.approx(
+        sum(2 * A * lr * schedule(k) for k in range(expected))
+    )  # fmt: skip
+
+
+def test_sgd_momentum_follows_the_steady_state_time_map():
+    lr, beta = 0.01, 0.8
+    trainer, cb, _ = _fit(lr=lr, module_kwargs={"momentum": beta})
+    dt = 2 * A * lr / (1 - beta)
+    assert cb.decision.dt_per_step == pytest.approx(dt)
+    assert trainer.global_step == round(cb.decision.fit.t / dt)
+
+
+def test_adam_warns_and_still_stops():
+    with pytest.warns(RuntimeWarning, match="no fixed map"):
+        trainer, cb, _ = _fit(lr=1e-3, module_kwargs={"optimizer": "adam"},
+                              trainer_kwargs={"max_steps": 3000})  # fmt: skip
+    assert cb.stopper.should_stop and 0 < trainer.global_step < 3000
+    assert trainer.global_step == cb.stopper.stop_step
+    # the loss-matched clock (M2): the matched time at the stop reached t-hat, a step before not
+    nominal_dt = 2 * A * 1e-3
+    assert cb.history[-1].t + 0.5 * nominal_dt >= cb.decision.fit.t
+    assert cb.history[-2].t + 0.5 * nominal_dt < cb.decision.fit.t
+
+
+# ----------------------------------------------------------------- test and limits
+def test_insignificant_test_stops_before_any_update():
+    x, y = _data(noise=True)
+    cb = REMLEarlyStopping(on_insignificant="stop")
+    model = Regressor(lr=0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _trainer([cb])
+    trainer.fit(model, _loader(x, y))
+    assert not cb.decision.train and cb.decision.test.pvalue >= 0.05
+    assert trainer.global_step == 0 and cb.stopper.stop_step == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert "test finds no signal" in cb.stopping_reason_message
+    assert cb.metrics["remlstop/pvalue"] == cb.decision.test.pvalue
+
+
+def test_min_steps_delays_the_stop_to_exactly_min_steps():
+    trainer, cb, _ = _fit(lr=0.05, trainer_kwargs={"min_steps": 120})
+    target = round(cb.decision.fit.t / (2 * A * 0.05))
+    assert target < 120
+    assert cb.stopper.stop_step == target
+    assert trainer.global_step == 120 == cb.stopped_step
+
+
+def test_min_epochs_delays_the_stop_to_the_end_of_min_epochs():
+    # 7 batches per epoch; 15 epochs = 105 steps > target
+    trainer, cb, _ = _fit(lr=0.05, batch_size=32, trainer_kwargs={"min_epochs": 15})
+    assert cb.stopper.stop_step < 105
+    assert trainer.global_step == 105 and trainer.current_epoch == 15
+
+
+def test_training_identical_with_and_without_the_callback():
+    """Same seed: parameters and optimizer state match a plain run to the same step."""
+    pl.seed_everything(7, workers=True)
+    x, y = _data()
+    with_cb, cb, model_cb = _fit(lr=0.05, batch_size=32, shuffle=True,
+                                 module_kwargs={"momentum": 0.5}, data=(x, y))  # fmt: skip
+    stop = with_cb.global_step
+    assert stop == cb.stopper.stop_step
+    pl.seed_everything(7, workers=True)
+    model = Regressor(lr=0.05, momentum=0.5)
+    plain = _trainer([], max_steps=stop)
+    plain.fit(model, _loader(x, y, 32, shuffle=True))
+    assert plain.global_step == stop
+    for (k, a), (k2, b) in zip(model_cb.state_dict().items(), model.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    sa, sb = with_cb.optimizers[0].state_dict(), plain.optimizers[0].state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        assert torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"])
+
+
+# ----------------------------------------------------------------------------- misuse
+@pytest.mark.parametrize("loss", ["cross_entropy", nn.CrossEntropyLoss(), "nll"])
+def test_classification_loss_is_refused(loss):
+    with pytest.raises(ValueError, match="squared-error"):
+        REMLEarlyStopping(loss=loss)
+
+
+def test_bad_arguments_are_refused_at_construction():
+    with pytest.raises(ValueError, match="rule"):
+        REMLEarlyStopping(rule="patience")
+    with pytest.raises(TypeError, match="data must be"):
+        REMLEarlyStopping(data=torch.zeros(3, 2))
+
+
+def test_several_optimizers_are_refused():
+    x, y = _data()
+    with pytest.raises(ValueError, match="exactly one optimizer"):
+        _trainer([REMLEarlyStopping()], max_steps=2).fit(
+            Regressor(n_optimizers=2), _loader(x, y)
+        )  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Total length of")
+def test_empty_dataloader_is_an_error():
+    x, y = _data()
+    with pytest.raises(ValueError, match="no batches"):
+        _trainer([REMLEarlyStopping()], max_steps=2).fit(Regressor(), _loader(x[:0], y[:0]))
+
+
+def test_targets_of_the_wrong_shape_are_refused():
+    x, y = _data()
+    with pytest.raises(ValueError, match="targets have shape"):
+        _trainer([REMLEarlyStopping(data=(x, y.repeat(1, 2)))], max_steps=2).fit(
+            Regressor(), _loader(x, y)
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="class labels"):
+        _trainer([REMLEarlyStopping(data=(x, y.long()))], max_steps=2).fit(
+            Regressor(), _loader(x, y)
+        )  # fmt: skip
+
+
+def test_custom_batches_need_batch_to_xy():
+    x, y = _data()
+
+    class DictModule(Regressor):
+        def training_step(self, batch, batch_idx):
+            return 0.5 * ((self(batch["features"]) - batch["label"]) ** 2).mean()
+
+    rows = [{"features": a, "label": b} for a, b in zip(x, y)]
+    loader = DataLoader(rows, batch_size=N_TRAIN, num_workers=0)
+    with pytest.raises(TypeError, match="batch_to_xy"):
+        _trainer([REMLEarlyStopping()], max_steps=2).fit(DictModule(), loader)
+    cb = REMLEarlyStopping(batch_to_xy=lambda b: (b["features"], b["label"]), model="net")
+    trainer = _trainer([cb])
+    trainer.fit(DictModule(lr=0.05), loader)
+    assert cb.decision.kernel_path == "layerwise"  # model="net": the plain Sequential
+    assert trainer.global_step == round(cb.decision.fit.t / (2 * A * 0.05))
+
+
+def test_import_errors_name_the_pip_command(monkeypatch):
+    import pickle
+
+    import remlstop.lightning as rl
+
+    assert pickle.loads(pickle.dumps(REMLEarlyStopping(alpha=0.01))).__class__ is REMLEarlyStopping
+    monkeypatch.setattr(rl, "_CLASSES", {})
+    monkeypatch.setitem(sys.modules, "lightning.pytorch.callbacks.early_stopping", None)
+    with pytest.raises(ImportError, match="pip install lightning"):
+        rl.REMLEarlyStoppingL
+    assert rl.REMLEarlyStopping.__mro__[2] is pl.callbacks.EarlyStopping  # one package is enough
+    monkeypatch.setattr(rl, "_CLASSES", {})
+    monkeypatch.setitem(sys.modules, "pytorch_lightning.callbacks.early_stopping", None)
+    with pytest.raises(ImportError, match=r"pip install 'remlstop\[lightning\]'"):
+        rl.REMLEarlyStopping
+    with pytest.raises(ValueError, match="package must be"):
+        callback_class("keras")
