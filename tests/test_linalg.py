@@ -32,3 +32,13 @@ def test_symmetric_eigh_matches_numpy_for_numpy_and_torch_input():
         assert evals.dtype == np.float64 and evecs.shape == (50, 50)
         np.testing.assert_allclose(evals, ref, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(evecs @ np.diag(evals) @ evecs.T, S, atol=1e-4)
+
+
+def test_eigh_runs_serially_below_the_threshold_and_restores_threads():
+    from remlstop.linalg import eigh_threads
+
+    assert eigh_threads(1000) == 1
+    assert eigh_threads(10_000) == available_cpus()
+    before = [p["num_threads"] for p in threadpool_info()]
+    symmetric_eigh(np.eye(20))
+    assert [p["num_threads"] for p in threadpool_info()] == before
