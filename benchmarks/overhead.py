@@ -1,0 +1,223 @@
+"""Wall-clock overhead of ``REMLEarlyStopping`` in the Lightning example setting.
+
+Setting (``examples/lightning_mlp.py``): the paper's simple function (480 training rows), the
+paper's MLP 10 -> 500 -> 500 -> 1 (ReLU, P = 256,501), mini-batch SGD (batch 32, shuffled),
+lr 0.01 with a 50-step linear warm-up stepped per optimizer step, half-MSE loss.
+
+Per repeat, with the same seeds (data, initialisation, shuffling) in every run:
+
+* ``with (model="net")``: ``REMLEarlyStopping(loss="half_mse", model="net")`` -- the example's
+  configuration (the NTK of the wrapped ``nn.Sequential``: the layer-wise kernel path) -- run
+  until it stops, at step k;
+* ``with (default)``: ``REMLEarlyStopping(loss="half_mse")`` on the LightningModule itself (the
+  generic torch.func kernel path), which stops at the same step k;
+* ``without``: no callback, ``max_steps=k``: the same k optimizer steps, same batches.
+
+The three are timed side by side in one process (order rotated across repeats, one untimed
+warm-up of each first); the time is ``trainer.fit`` wall-clock. The overhead ratio is
+median(time with) / median(time without) - 1. remlstop's own seconds are the decision's parts
+(collect, forward, kernel, spectrum = eigh, test, fit) and the time spent in the callback's
+per-step hooks (the clock), measured by wrapping the hooks.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/overhead.py                 # 5 repeats, writes results/overhead.md
+    .venv/bin/python benchmarks/overhead.py --repeats 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "examples"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import pytorch_lightning as pl  # noqa: E402
+
+from lightning_mlp import Regressor  # noqa: E402
+from remlstop.datasets import paper_simple_function  # noqa: E402
+from remlstop.lightning import REMLEarlyStopping  # noqa: E402
+
+_HOOKS = ("on_train_start", "on_train_batch_start", "on_before_optimizer_step",
+          "on_train_batch_end", "on_train_end")  # fmt: skip
+
+
+def _timed_hooks(callback) -> dict[str, float]:
+    """Wrap the callback's hooks (as instance attributes) to sum the seconds spent in each."""
+    spent = {name: 0.0 for name in _HOOKS}
+    for name in _HOOKS:
+        bound = getattr(callback, name)
+
+        @functools.wraps(bound)
+        def wrapper(*args, _bound=bound, _name=name, **kwargs):
+            tic = time.perf_counter()
+            try:
+                return _bound(*args, **kwargs)
+            finally:
+                spent[_name] += time.perf_counter() - tic
+
+        setattr(callback, name, wrapper)
+    return spent
+
+
+def fit_once(variant: str, seed: int, max_steps: int = -1, batch_size: int = 32) -> dict:
+    """One ``trainer.fit`` of the example setting; returns the step count and timings."""
+    x, y, _, _ = paper_simple_function(seed=seed)
+    torch.manual_seed(seed)  # the loader shuffles from the global RNG (restored by remlstop)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    module = Regressor(lr=0.01, warmup_steps=50, seed=seed)
+    callbacks, spent, cb = [], None, None
+    if variant != "without":
+        cb = REMLEarlyStopping(loss="half_mse", model="net" if variant == "with_net" else None)
+        spent = _timed_hooks(cb)
+        callbacks.append(cb)
+    trainer = pl.Trainer(
+        max_epochs=1000, max_steps=max_steps, callbacks=callbacks, accelerator="cpu", devices=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    tic = time.perf_counter()
+    trainer.fit(module, loader)
+    seconds = time.perf_counter() - tic
+    out = {"variant": variant, "steps": int(trainer.global_step), "seconds": seconds}
+    if cb is not None:
+        d = cb.decision
+        out["decision"] = dict(d.seconds)
+        out["kernel_path"] = d.kernel_path
+        out["hooks"] = dict(spent)
+        out["hooks_per_step"] = spent["on_before_optimizer_step"] + spent["on_train_batch_end"] \
+            + spent["on_train_batch_start"]  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.md")
+    args = ap.parse_args(argv)
+    if args.repeats < 3:
+        ap.error("--repeats must be >= 3 (the report takes medians)")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+    # The stop step k, and an untimed warm-up of every variant.
+    first = fit_once("with_net", args.seed)
+    k = first["steps"]
+    fit_once("with_default", args.seed)
+    fit_once("without", args.seed, max_steps=k)
+    print(f"stop step k = {k}; timing {args.repeats} repeats ...", flush=True)
+
+    variants = ["with_net", "with_default", "without"]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(args.repeats):
+        order = variants[r % 3:] + variants[: r % 3]
+        for v in order:
+            res = fit_once(v, args.seed, max_steps=k if v == "without" else -1)
+            if res["steps"] != k:
+                raise RuntimeError(f"{v} ran {res['steps']} steps, expected the stop step {k}")
+            runs[v].append(res)
+            print(f"  repeat {r}: {v:13s} {res['seconds']:.3f} s", flush=True)
+
+    med = {v: statistics.median(x["seconds"] for x in runs[v]) for v in variants}
+    base = med["without"]
+    lines = [
+        "# Overhead of REMLEarlyStopping (Lightning example setting)",
+        "",
+        "Command:",
+        "",
+        "```",
+        f".venv/bin/python benchmarks/overhead.py --repeats {args.repeats} --seed {args.seed} "
+        f"--threads {args.threads}",
+        "```",
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), torch "
+        f"{torch.__version__}, pytorch_lightning {pl.__version__}, Python "
+        f"{platform.python_version()}. The machine is shared with other jobs: absolute times are "
+        "noisy; the three variants are interleaved (order rotated per repeat) so they see the "
+        "same load.",
+        "",
+        "Setting: `examples/lightning_mlp.py` -- paper simple function, 480 training rows, MLP "
+        "10-500-500-1 ReLU (P = 256,501), SGD batch 32 shuffled, lr 0.01 with a 50-step linear "
+        "warm-up (per step), half-MSE. Same seed for data, init and shuffling in every run. "
+        f"The callback stops at step **k = {k}** ({k / 15:.1f} epochs); the run without the "
+        f"callback is given `max_steps={k}`, so all runs take the same {k} optimizer steps on the "
+        "same batches. Time = wall-clock of `trainer.fit` (Trainer construction excluded).",
+        "",
+        f"## trainer.fit wall-clock, {args.repeats} repeats",
+        "",
+        "| variant | kernel path | median s | min s | max s | overhead vs without |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    names = {"with_net": 'with `REMLEarlyStopping(model="net")`',
+             "with_default": "with `REMLEarlyStopping()` (default model)",
+             "without": f"without (`max_steps={k}`)"}  # fmt: skip
+    for v in variants:
+        secs = [x["seconds"] for x in runs[v]]
+        path = runs[v][0].get("kernel_path", "--")
+        ovh = "--" if v == "without" else f"{med[v] / base - 1:+.1%}"
+        lines.append(f"| {names[v]} | {path} | {med[v]:.3f} | {min(secs):.3f} | {max(secs):.3f} "
+                     f"| {ovh} |")  # fmt: skip
+    lines += [
+        "",
+        "Overhead = median(with) / median(without) - 1.",
+        "",
+        "## remlstop's own seconds (median over repeats)",
+        "",
+        "| variant | collect | forward | kernel | spectrum (eigh) | test | fit | decision total "
+        "| per-step hooks (clock) | all remlstop |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    parts = ["collect", "forward", "kernel", "spectrum", "test", "fit"]
+    for v in ("with_net", "with_default"):
+        vals = [statistics.median(x["decision"][p] for x in runs[v]) for p in parts]
+        total = statistics.median(sum(x["decision"].values()) for x in runs[v])
+        hooks = statistics.median(x["hooks_per_step"] for x in runs[v])
+        start_hook = statistics.median(x["hooks"]["on_train_start"] for x in runs[v])
+        lines.append(
+            f"| {names[v]} | " + " | ".join(f"{s:.4f}" for s in vals)
+            + f" | {total:.3f} | {hooks:.4f} ({hooks / k * 1e3:.3f} ms/step) "
+            f"| {start_hook + hooks:.3f} |"
+        )
+    lines += [
+        "",
+        "`decision total` is the sum of `decision.seconds` (what `start()` spends before step 1). "
+        "`per-step hooks` is the time inside the callback's `on_train_batch_start`, "
+        "`on_before_optimizer_step` and `on_train_batch_end` over all k steps (the clock, the "
+        "rule check and the metric logging). `all remlstop` adds the whole `on_train_start` hook "
+        "(collecting the data from the loader, building the stopper, the decision) to the "
+        "per-step hooks.",
+        "",
+        "Reading: in this setting training itself is short (the REML stop comes after about a "
+        "dozen epochs of a 480-row data set), so the fixed cost of the decision is a visible "
+        "fraction of the fit. The cost is dominated by the NTK: with `model=\"net\"` the "
+        "layer-wise path computes it in tens of milliseconds; on the LightningModule itself "
+        "the generic torch.func path takes seconds for this 256k-parameter MLP. The per-step "
+        "cost of the time rule is a small fraction of a millisecond.",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The example scripts run end to end with tiny settings and print what a user needs.
+
+Each example runs in a subprocess (as a user would run it), with one torch thread and its PNG
+written to a temporary folder. The whole module takes well under a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _run(script: str, *args: str, timeout: float = 120.0) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_plain_loop(tmp_path):
+    out = _run("plain_loop.py", "--steps", "170", "--out", str(tmp_path))
+    assert "remlstop decision: TRAIN" in out
+    # seed 0: t-hat = 1.577 gradient-flow time, dt = 0.01 per step -> step 158
+    m = re.search(r"stopper.step\(\) first returned True at step (\d+)", out)
+    assert m and 140 <= int(m.group(1)) <= 170, out
+    assert f"REML stop     : step {int(m.group(1)):5d}" in out
+    assert "best in hindsight" in out and "fixed budget  : step   170" in out
+    assert "ratio test MSE at REML stop / best" in out
+    if _has_matplotlib():
+        assert (tmp_path / "plain_loop.png").exists()
+
+
+def test_plain_loop_budget_before_stop(tmp_path):
+    out = _run("plain_loop.py", "--steps", "50", "--out", str(tmp_path))
+    assert "REML stop     : not reached within 50 steps" in out
+
+
+def test_paper_case1(tmp_path):
+    out = _run("paper_case1.py", "--seeds", "0", "--max-steps", "200", "--out", str(tmp_path))
+    assert "seed  p-value" in out
+    assert re.search(r"ours : REML stop (\d+)-\1 steps", out), out
+    assert "paper: REML stop 174-202 steps" in out
+    assert "within the paper's ranges" in out
+    if _has_matplotlib():
+        assert (tmp_path / "paper_case1.png").exists()
+
+
+def test_lightning_example_via_demo(tmp_path):
+    # examples/demo.py (what `make demo` runs) is a thin wrapper over lightning_mlp.main().
+    pytest.importorskip("pytorch_lightning")
+    out = _run("demo.py", "--out", str(tmp_path))
+    assert "decision: TRAIN" in out
+    # 158 steps at lr 0.01 plus what the 50-step warm-up leaves uncounted
+    m = re.search(r"halted at step (\d+)", out)
+    assert m and 150 <= int(m.group(1)) <= 200, out
+    assert "REMLEarlyStopping: time rule" in out
+    assert "MSE at the stop" in out and "wall clock: trainer.fit" in out
+    if _has_matplotlib():
+        assert (tmp_path / "lightning_mlp.png").exists()

@@ -1,0 +1,115 @@
+"""Tests of ``remlstop.plotting.plot_decision`` (figures of the M4 decision)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("matplotlib")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from remlstop import KernelSpectrum, REMLStopper, reml_fit, variance_component_test  # noqa: E402
+from remlstop.datasets import paper_simple_function  # noqa: E402
+from remlstop.plotting import plot_decision  # noqa: E402
+from remlstop.stopper import Decision  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _small_stopper(track_residual: bool = True) -> tuple[REMLStopper, torch.optim.Optimizer]:
+    x, y, _, _ = paper_simple_function(n=160, n_train=120, seed=0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    stopper = REMLStopper(net, x, y, optimizer=opt, loss="half_mse", track_residual=track_residual)
+    stopper.start()
+    for _ in range(400):
+        opt.zero_grad()
+        (0.5 * ((net(x) - y) ** 2).mean()).backward()
+        opt.step()
+        if stopper.step():
+            break
+    return stopper, opt
+
+
+def _decision_from_spectrum(spectrum: KernelSpectrum) -> Decision:
+    fit = reml_fit(spectrum)
+    return Decision(
+        train=False, test=variance_component_test(spectrum), fit=fit,
+        target_steps=fit.t / 0.01, dt_per_step=0.01, rule="time", kernel_path="given",
+        n_rows=spectrum.dim, n_outputs=1,
+    )  # fmt: skip
+
+
+def test_three_panels_and_file(tmp_path):
+    stopper, _ = _small_stopper()
+    assert stopper.stop_step is not None
+    path = tmp_path / "sub" / "decision.png"
+    steps = np.arange(1, 50)
+    fig = plot_decision(stopper, path=path, test_curve=(steps, 1.0 / steps))
+    assert len(fig.axes) == 3
+    assert path.exists() and path.stat().st_size > 10_000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The stop step is marked on panel (c); the training curve comes from the history.
+    labels = [line.get_label() for line in fig.axes[2].get_lines()]
+    assert f"stop: step {stopper.stop_step}" in labels
+    assert any("training MSE" in lab for lab in labels)
+    assert "test MSE" in labels
+
+
+def test_decision_alone_and_no_history():
+    stopper, _ = _small_stopper(track_residual=False)
+    fig = plot_decision(stopper.decision)
+    assert len(fig.axes) == 3
+    labels = [line.get_label() for line in fig.axes[2].get_lines()]
+    assert any(lab.startswith("target:") for lab in labels)
+
+
+def test_boundary_case(tmp_path):
+    # The residual lies in the low-eigenvalue directions: g-bar(0) <= lambda-bar, t-hat = 0.
+    rng = np.random.default_rng(0)
+    lam = np.geomspace(1e-3, 10.0, 200)
+    z = rng.standard_normal(200) / np.sqrt(1.0 + lam)
+    spectrum = KernelSpectrum.from_eigen(lam, z)
+    decision = _decision_from_spectrum(spectrum)
+    assert decision.fit.boundary and decision.fit.t == 0.0
+    path = tmp_path / "boundary.png"
+    fig = plot_decision(decision, path=path)
+    assert len(fig.axes) == 3
+    assert path.exists()
+    xlim = fig.axes[0].get_xlim()
+    assert xlim[0] == 0.0 and xlim[1] > 0.0 and math.isfinite(xlim[1])
+
+
+def test_rejects_objects_without_decision():
+    with pytest.raises(TypeError, match="Decision"):
+        plot_decision(object())
+
+
+def test_missing_matplotlib_message(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    from remlstop import plotting
+
+    with pytest.raises(ImportError, match=r"remlstop\[plot\]"):
+        plotting._pyplot()
