@@ -163,6 +163,50 @@ def test_generic_memory_budget_splits_rows_and_parameters() -> None:
     assert rel_err(small, full) < 1e-12
 
 
+def model_dtype_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """J (N × P) in the model's own dtype, one backward per output entry, cast to float64."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x).reshape(-1)
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params, retain_graph=True)])
+        for i in range(out.numel())
+    ]
+    return torch.stack(rows).double()
+
+
+def test_generic_float32_products_accumulate_groups_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A float32 model's generic kernel multiplies float32 Jacobian chunks in column groups of
+    # ntk._PRODUCT_GROUP parameters and accumulates them in float64: it must equal the float64
+    # product of the same float32 Jacobian to float32 rounding of a group's sum (~1e-7), with
+    # any grouping and chunking. 1e-6 leaves a margin of 10 and still fails on a wrong group,
+    # chunk or order (errors of order 1).
+    from remlstop import ntk
+
+    torch.manual_seed(5)
+    model = tanh_mlp()  # float32, K = 3, P = 339
+    x, x2 = torch.randn(10, 10), torch.randn(4, 10)
+    J, J2 = model_dtype_jacobian(model, x), model_dtype_jacobian(model, x2)
+    N = J.shape[0]
+    H_ref, C_ref = J @ J.T / N, J2 @ J.T / N
+    for group in (ntk._PRODUCT_GROUP, 100, 7):
+        monkeypatch.setattr(ntk, "_PRODUCT_GROUP", group)
+        for chunk in (None, 1, 3, 4):
+            H = empirical_ntk(model, x, path="generic", chunk_size=chunk)
+            assert H.dtype == torch.float64 and torch.equal(H, H.T)
+            assert rel_err(H, H_ref) < 1e-6, (group, chunk)
+            C = empirical_ntk(model, x, x2, path="generic", chunk_size=chunk)
+            assert rel_err(C, C_ref) < 1e-6, (group, chunk)
+
+
+def test_generic_working_dtype() -> None:
+    from remlstop.ntk import _work_dtype
+
+    assert _work_dtype(torch.float32, torch.float64) == torch.float32
+    assert _work_dtype(torch.float64, torch.float64) == torch.float64
+    assert _work_dtype(torch.float64, torch.float32) == torch.float32
+    assert _work_dtype(torch.bfloat16, torch.float64) == torch.float32
+
+
 @pytest.mark.parametrize("name", ["tanh_mlp_3_outputs", "cnn", "batchnorm_eval"])
 def test_trace_and_vector_products_agree_with_dense_kernel(name: str) -> None:
     model, x = make(name, n=6)
