@@ -109,10 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True)
     module = Regressor(lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed)
 
-    # model="net": the kernel is computed on the plain nn.Sequential the module wraps, which
-    # takes remlstop's layer-wise NTK path (~0.1-0.3 s here); the LightningModule itself would
-    # take the generic torch.func path (several seconds for this 256k-parameter MLP).
-    reml = REMLEarlyStopping(loss="half_mse", verbose=True, model="net")
+    reml = REMLEarlyStopping(loss="half_mse", verbose=True)
     recorder = CurveRecorder(x, y, x_test, y_test)
     trainer = pl.Trainer(
         max_epochs=args.max_epochs, callbacks=[recorder, reml], accelerator="cpu", devices=1,

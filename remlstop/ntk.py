@@ -267,6 +267,37 @@ def _flatten_sequential(model: nn.Module) -> list[nn.Module]:
     return [model]
 
 
+def _layerwise_delegate(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    """A sub-module that computes exactly what ``model`` computes on ``x`` with all of its
+    trainable parameters and that the layer-wise path supports, or None.
+
+    Wrappers (a LightningModule whose ``forward`` calls ``self.net``, say) then get the fast
+    path: the kernel depends only on the map x -> f(x; theta), which the two modules share when
+    they hold the same trainable parameters and give bit-identical outputs on every row of ``x``.
+    """
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    with torch.no_grad():
+        reference: torch.Tensor | None = None
+        for sub in model.modules():
+            if sub is model or not isinstance(sub, nn.Sequential):
+                continue
+            if {id(p) for p in sub.parameters() if p.requires_grad} != trainable:
+                continue
+            if _layerwise_unsupported(sub, x) is not None:
+                continue
+            if reference is None:
+                reference = model(x)
+            out = sub(x)
+            if (
+                isinstance(reference, torch.Tensor)
+                and out.shape[0] == reference.shape[0]
+                and out.numel() == reference.numel()
+                and torch.equal(out.reshape(reference.shape), reference)
+            ):
+                return sub
+    return None
+
+
 def _layerwise_unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
     """Why the layer-wise formula does not apply to ``model`` on ``x``, or None if it does."""
     layers = _flatten_sequential(model)
@@ -753,13 +784,18 @@ def empirical_ntk(
         rows_out = N if x2 is None else x2.shape[0] * K
         kernel = torch.zeros(rows_out, N, dtype=dtype, device=out_device)
         reason = None if path == "generic" else _layerwise_unsupported(model, x)
+        network = model
+        if reason is not None and path != "generic":
+            inner = _layerwise_delegate(model, x if x2 is None else torch.cat([x, x2]))
+            if inner is not None:
+                network, reason = inner, None
         if path == "layerwise" and reason is not None:
             raise ValueError(f"path='layerwise' does not support this model: {reason}. Use path='generic'.")
         chosen = "generic" if reason is not None or path == "generic" else "layerwise"
         if chosen == "layerwise":
             itemsize = torch.empty((), dtype=dtype).element_size()
             rows = chunk_size or _layerwise_rows(n, K, budget, itemsize)
-            _layerwise_kernel(model, x, x2, K, rows, kernel)
+            _layerwise_kernel(network, x, x2, K, rows, kernel)
         else:
             work = _work_dtype(model_dtype, dtype)
             rows = _generic_kernel(model, params, x, x2, K, chunk_size, budget, kernel, work)

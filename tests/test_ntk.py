@@ -396,3 +396,33 @@ def test_bad_model_outputs(path: str) -> None:
         empirical_ntk(BatchMean(), x, path=path)
     with pytest.raises(ValueError, match="NaN or infinite"):
         empirical_ntk(NaNOut(), x, path=path)
+
+
+class _Wrapper(nn.Module):
+    """A LightningModule-like wrapper: forward calls a supported Sequential."""
+
+    def __init__(self, net: nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.scale = scale
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+def test_wrapper_module_gets_the_layerwise_path_only_when_it_is_the_same_function():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    x = torch.randn(12, 4)
+    H_direct = empirical_ntk(net, x)
+    H, info = empirical_ntk(_Wrapper(net), x, return_info=True)
+    assert info.path == "layerwise"
+    torch.testing.assert_close(H, H_direct, rtol=0, atol=0)
+    # A forward that changes the function must not be delegated: generic path, scaled kernel.
+    H2, info2 = empirical_ntk(_Wrapper(net, scale=2.0), x, return_info=True)
+    assert info2.path == "generic"
+    torch.testing.assert_close(H2, 4 * H_direct, rtol=1e-5, atol=1e-6 * float(H2.abs().max()))
+    x2 = torch.randn(5, 4)
+    C, info3 = empirical_ntk(_Wrapper(net), x, x2, return_info=True)
+    assert info3.path == "layerwise"
+    torch.testing.assert_close(C, empirical_ntk(net, x, x2), rtol=0, atol=0)
