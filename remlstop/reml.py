@@ -334,11 +334,13 @@ def gcv_fit(spectrum: KernelSpectrum, *, grid_size: int = 400) -> GCVFit:
         t_best, v_best = 0.0, _log_gcv(spectrum, 0.0)
     df = effective_df(spectrum, t_best)
     log_rss = float(logsumexp(_log_z2(spectrum) - 2.0 * t_best * lam))
+    # m - df(t) = sum_j exp(-t lambda_j) in log space: at large t, m - df rounds to 0.
+    log_dof = float(logsumexp(-t_best * lam))
     return GCVFit(
         t=t_best,
         boundary=t_best == 0.0,
         converged=bool(res.success),
-        sigma2=math.exp(log_rss) / (spectrum.dim - df),
+        sigma2=math.exp(log_rss - log_dof),
         df=df,
         criterion=math.exp(v_best),
     )

@@ -186,3 +186,18 @@ def test_property_reml_on_random_spectra(spec_lists, log_scale):
         g = [weighted_mean_eigenvalue(spec, t) for t in ts]
         assert all(a >= b - 1e-12 * abs(a) for a, b in zip(g, g[1:]))
         assert fit.interval[0] <= fit.t <= fit.interval[1]
+
+
+def test_gcv_at_large_t_has_a_finite_variance():
+    """A spectrum whose GCV minimiser lies where m - df(t) rounds to 0 in float64 (t lambda_min
+    ~ 30): sigma2 = ||r_t||^2 / (m - df) must come from log space, not divide by zero."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # the fifth draw of this generator is such a spectrum
+        lam = np.sort(np.exp(rng.normal(0, 2, 30)))
+        z = rng.normal(0, 1, 30) * np.exp(rng.normal(0, 3, 30))
+    spec = KernelSpectrum.from_eigen(lam, z)
+    g = gcv_fit(spec)
+    assert spec.dim - effective_df(spec, g.t) == 0.0  # the rounding the fix is about
+    assert math.isfinite(g.sigma2) and g.sigma2 > 0 and math.isfinite(g.criterion)
+    rss = np.sum(z**2 * np.exp(-2 * g.t * lam))
+    assert g.sigma2 == pytest.approx(rss / np.sum(np.exp(-g.t * lam)), rel=1e-9)
