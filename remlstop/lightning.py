@@ -41,6 +41,8 @@ What the callback does
 * ``on_before_optimizer_step``: reads Δt of the step about to happen from the stopper's clock
   (M2). Lightning 2.x steps step-interval LR schedulers *before* ``on_train_batch_end``, so the
   learning rate must be read here.
+  A batch whose ``training_step`` returned ``None`` leaves every gradient unset, so the
+  optimizer moves nothing: it counts as a step of Δt = 0.
 * ``on_train_batch_end``: for each optimizer step of this batch (none while gradients accumulate)
   calls ``stopper.step(dt=...)``; when it says stop, sets ``trainer.should_stop`` -- mid-epoch --
   and keeps setting it on every later batch, so ``min_steps``/``min_epochs`` delay the stop to the
@@ -178,6 +180,10 @@ def _distributed(trainer: Any) -> bool:
 def _batch_rows(batch: Any, batch_to_xy: Callable | None) -> int:
     x, _ = (batch_to_xy or default_batch_adapter)(batch)
     return int(x.shape[0])
+
+
+def _has_gradients(optimizer: Any) -> bool:
+    return any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
 
 
 def _sampler_indices(loader: Any, rows: int) -> list[int] | None:
@@ -514,6 +520,11 @@ class _REMLEarlyStoppingBody:
         K = stopper.decision.n_outputs
         rows = self._rows_since_step
         self._rows_since_step = []
+        if not _has_gradients(optimizer):
+            # training_step returned None: Lightning still calls this hook and counts a global
+            # step, but the optimizer skips every parameter, so no gradient-flow time passes.
+            self._step_dts.append(0.0)
+            return
         if rows and len(set(rows)) > 1:
             # Sum losses, accumulated batches of unequal sizes: Lightning averages the batch
             # losses, so the step moves like a sum over the mean number of rows (linear in rows).

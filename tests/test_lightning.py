@@ -58,7 +58,7 @@ def _data(n_train: int = N_TRAIN, noise: bool = False):
 def _module_class(pkg):
     class Regressor(pkg.LightningModule):
         def __init__(self, lr=0.05, momentum=0.0, optimizer="sgd", schedule=None, loss="half_mse",
-                     n_optimizers=1):  # fmt: skip
+                     n_optimizers=1, skip_odd_batches=False):  # fmt: skip
             super().__init__()
             torch.manual_seed(0)
             self.net = nn.Sequential(
@@ -66,6 +66,7 @@ def _module_class(pkg):
             )
             self.lr, self.momentum, self.opt, self.schedule = lr, momentum, optimizer, schedule
             self.loss_name, self.n_optimizers = loss, n_optimizers
+            self.skip_odd_batches = skip_odd_batches
             if n_optimizers > 1:
                 self.automatic_optimization = False
 
@@ -73,6 +74,8 @@ def _module_class(pkg):
             return self.net(x)
 
         def training_step(self, batch, batch_idx):
+            if self.skip_odd_batches and batch_idx % 2 == 1:
+                return None  # Lightning: skip this batch
             x, y = batch
             r = self(x) - y
             loss = 0.5 * (r**2).sum() if self.loss_name == "half_sum" else 0.5 * (r**2).mean()
@@ -174,6 +177,19 @@ def test_gradient_accumulation_counts_optimizer_steps_only():
     trainer, cb, _ = _fit(lr=0.05, batch_size=32, trainer_kwargs={"accumulate_grad_batches": 2})
     expected = round(cb.decision.fit.t / (2 * A * 0.05))
     assert trainer.global_step == expected == cb.stopper.clock.steps
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
+def test_batches_skipped_by_training_step_returning_none_add_no_time():
+    batch_size = 32  # 7 batches per epoch; batches 1, 3, 5 return None and update nothing
+    trainer, cb, _ = _fit(lr=0.05, batch_size=batch_size,
+                          module_kwargs={"skip_odd_batches": True})  # fmt: skip
+    dt = 2 * A * 0.05
+    dts = [0.0 if (k % 7) % 2 else dt for k in range(10_000)]
+    expected = _expected_stop(cb.decision.fit.t, dts)
+    assert expected > round(cb.decision.fit.t / dt) + 10  # the skipped steps would matter
+    assert trainer.global_step == expected == cb.stopper.stop_step
+    assert cb.metrics["remlstop/t"] == pytest.approx(sum(dts[:expected]))
 
 
 def test_sum_reduced_loss_scales_time_by_batch_rows():
