@@ -28,7 +28,9 @@ def _dtype_eps(x: ArrayLike) -> float:
 
 def _to_numpy(x: ArrayLike) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        # NumPy has no bfloat16; statistics run in float64 anyway.
+        return (x.double() if x.is_floating_point() else x).numpy()
     return np.asarray(x)
 
 

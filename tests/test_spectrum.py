@@ -37,6 +37,18 @@ def test_residual_is_flattened_row_major_and_torch_accepted():
     np.testing.assert_allclose(a.z, b.z)
 
 
+def test_half_precision_tensors_are_accepted_as_float64():
+    # A network run in bfloat16 hands over bf16 outputs; NumPy has no bfloat16.
+    rng = np.random.default_rng(3)
+    H = random_psd(10, 10, rng)
+    u = torch.randn(10).to(torch.bfloat16)
+    f0 = torch.randn(10, 1).to(torch.bfloat16)
+    a = KernelSpectrum.from_kernel(torch.from_numpy(H), u, f0)
+    b = KernelSpectrum.from_kernel(H, u.double(), f0.double())
+    np.testing.assert_allclose(a.z, b.z)
+    np.testing.assert_allclose(a.eigenvalues, b.eigenvalues)
+
+
 def test_covariates_compress_the_kernel_to_the_complement():
     rng = np.random.default_rng(3)
     n = 50
