@@ -18,10 +18,11 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
+import scipy.linalg.lapack as lapack
 import torch
 from threadpoolctl import threadpool_limits
 
-__all__ = ["available_cpus", "blas_threads", "eigh_threads", "symmetric_eigh"]
+__all__ = ["available_cpus", "blas_threads", "eigh_threads", "spectral_projection", "symmetric_eigh"]
 
 
 def _cgroup_cpu_quota() -> float | None:
@@ -108,3 +109,37 @@ def symmetric_eigh(matrix: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.nd
     with blas_threads(eigh_threads(A.shape[0])):
         evals, evecs = np.linalg.eigh(A)
     return evals, evecs
+
+
+def spectral_projection(matrix: np.ndarray, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues of a symmetric matrix and a vector's coordinates in its eigenbasis.
+
+    Shapes: matrix (N, N) and vector (N,) float64 in; (N,) ascending eigenvalues lambda and
+    (N,) z = V^T vector out (METHOD M4), without forming the N x N eigenvector matrix V of
+    the matrix. The matrix is reduced to tridiagonal form T = Q^T A Q (LAPACK ``dsytrd``),
+    the vector is carried along by the Householder reflectors (Q^T vector, O(N^2)), and T is
+    decomposed by divide and conquer (``dstevd``). Skipping the back-transformation V = Q W,
+    about half the flops of a full ``eigh``, makes it about twice as fast at N = 1,000-2,000
+    with the same eigenvalues. Falls back to :func:`symmetric_eigh` if LAPACK reports failure.
+    """
+    A = np.asarray(matrix, dtype=np.float64)
+    u = np.asarray(vector, dtype=np.float64).reshape(-1)
+    n = A.shape[0]
+    with blas_threads(eigh_threads(n)):
+        lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
+        packed, diag, offdiag, tau, info = lapack.dsytrd(A, lower=1, lwork=max(lwork, n))
+        if info == 0:
+            w = u.copy()
+            # Q = H(0) ... H(n-2), H(i) = I - tau_i v v^T with v[i+1] = 1 and v[i+2:] stored
+            # below the subdiagonal of column i; Q^T u applies H(0) first.
+            for i in range(n - 1):
+                if tau[i] != 0.0:
+                    v = packed[i + 1:, i].copy()
+                    v[0] = 1.0
+                    w[i + 1:] -= (tau[i] * (v @ w[i + 1:])) * v
+            evals, W, info = lapack.dstevd(diag, offdiag, compute_v=1)
+        if info == 0:
+            return evals, W.T @ w
+    evals, evecs = symmetric_eigh(A)
+    with blas_threads():
+        return evals, evecs.T @ u

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .linalg import blas_threads, symmetric_eigh
+from .linalg import blas_threads, spectral_projection
 
 __all__ = ["KernelSpectrum", "as_float64_vector"]
 
@@ -231,9 +231,9 @@ class KernelSpectrum:
                 H = H - HQ @ Q.T - Q @ HQ.T + Q @ (QtHQ - shift * np.eye(q)) @ Q.T
             H = 0.5 * (H + H.T)
             u0 = u0 - Q @ (Q.T @ u0)
-        evals, evecs = symmetric_eigh(H)
+        evals, z = spectral_projection(H, u0)
         # The q eigenvectors spanning the covariates carry eigenvalue -shift and no residual.
-        evals, evecs = evals[q:], evecs[:, q:]
+        evals, z = evals[q:], z[q:]
         lam_max = float(evals[-1])
         if lam_max <= 0:
             raise ValueError(
@@ -251,8 +251,6 @@ class KernelSpectrum:
         negative = evals < 0
         clipped = float(-evals[negative].sum())
         evals = np.where(negative, 0.0, evals)
-        with blas_threads():
-            z = evecs.T @ u0
         if not np.any(z != 0) or float(np.dot(z, z)) == 0.0:
             raise ValueError(
                 "the residual is zero (after projecting off the covariates): the network already "

@@ -42,3 +42,43 @@ def test_eigh_runs_serially_below_the_threshold_and_restores_threads():
     before = [p["num_threads"] for p in threadpool_info()]
     symmetric_eigh(np.eye(20))
     assert [p["num_threads"] for p in threadpool_info()] == before
+
+
+def _functionals(evals, z, scales):
+    # What REML and the test read from a spectrum: sums of z^2 weighted by functions of lambda.
+    return np.array([[np.sum(z**2 / (1 + s * evals)), np.sum(z**2 * evals / (1 + s * evals))]
+                     for s in scales])
+
+
+def test_spectral_projection_matches_a_full_eigendecomposition():
+    from remlstop.linalg import spectral_projection
+
+    rng = np.random.default_rng(4)
+    # A low-rank kernel plus a small ridge: a 60-fold cluster of equal eigenvalues, whose
+    # individual eigenvectors are arbitrary, beside distinct ones.
+    A = rng.standard_normal((100, 40))
+    H = A @ A.T / 40 + 1e-3 * np.eye(100)
+    u = rng.standard_normal(100)
+    evals, z = spectral_projection(H, u)
+    ref_evals, V = np.linalg.eigh(H)
+    ref_z = V.T @ u
+    np.testing.assert_allclose(evals, ref_evals, rtol=1e-12, atol=1e-12 * ref_evals[-1])
+    np.testing.assert_allclose(np.abs(z[-40:]), np.abs(ref_z[-40:]), rtol=1e-8)
+    np.testing.assert_allclose(z @ z, u @ u, rtol=1e-12)
+    scales = np.logspace(-3, 6, 20)
+    np.testing.assert_allclose(_functionals(evals, z, scales),
+                               _functionals(ref_evals, ref_z, scales), rtol=1e-10)
+
+
+def test_spectral_projection_falls_back_to_full_eigh_when_lapack_fails(monkeypatch):
+    import remlstop.linalg as linalg
+
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((30, 30))
+    H = A @ A.T
+    u = rng.standard_normal(30)
+    good = linalg.spectral_projection(H, u)
+    monkeypatch.setattr(linalg.lapack, "dstevd", lambda d, e, compute_v: (d, None, 7))
+    evals, z = linalg.spectral_projection(H, u)
+    np.testing.assert_allclose(evals, good[0], rtol=1e-10)
+    np.testing.assert_allclose(np.abs(z), np.abs(good[1]), rtol=1e-8)
