@@ -22,7 +22,9 @@ import scipy.linalg.lapack as lapack
 import torch
 from threadpoolctl import threadpool_limits
 
-__all__ = ["available_cpus", "blas_threads", "eigh_threads", "spectral_projection", "symmetric_eigh"]
+__all__ = [
+    "available_cpus", "blas_threads", "eigh_threads", "spectral_projection", "symmetric_eigh",
+]
 
 
 def _cgroup_cpu_quota() -> float | None:
@@ -120,7 +122,8 @@ def spectral_projection(matrix: np.ndarray, vector: np.ndarray) -> tuple[np.ndar
     the vector is carried along by the Householder reflectors (Q^T vector, O(N^2)), and T is
     decomposed by divide and conquer (``dstevd``). Skipping the back-transformation V = Q W,
     about half the flops of a full ``eigh``, made it 1.6-1.7x faster at N = 1,000-2,000 with the
-    same eigenvalues (benchmarks/eigh_threads.py). Falls back to :func:`symmetric_eigh` if LAPACK reports failure.
+    same eigenvalues (benchmarks/eigh_threads.py). Falls back to :func:`symmetric_eigh` if
+    LAPACK reports a failure.
     """
     A = np.asarray(matrix, dtype=np.float64)
     u = np.asarray(vector, dtype=np.float64).reshape(-1)

@@ -2,7 +2,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_info
 
-from remlstop.linalg import available_cpus, blas_threads, symmetric_eigh
+import remlstop.linalg as linalg
+from remlstop.linalg import available_cpus, blas_threads, spectral_projection, symmetric_eigh
 
 
 def test_available_cpus_is_within_affinity():
@@ -51,8 +52,6 @@ def _functionals(evals, z, scales):
 
 
 def test_spectral_projection_matches_a_full_eigendecomposition():
-    from remlstop.linalg import spectral_projection
-
     rng = np.random.default_rng(4)
     # A low-rank kernel plus a small ridge: a 60-fold cluster of equal eigenvalues, whose
     # individual eigenvectors are arbitrary, beside distinct ones.
@@ -71,8 +70,6 @@ def test_spectral_projection_matches_a_full_eigendecomposition():
 
 
 def test_spectral_projection_falls_back_to_full_eigh_when_lapack_fails(monkeypatch):
-    import remlstop.linalg as linalg
-
     rng = np.random.default_rng(5)
     A = rng.standard_normal((30, 30))
     H = A @ A.T
