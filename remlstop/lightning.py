@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -265,6 +265,8 @@ class _REMLEarlyStoppingBody:
             ``"net"``), or a function ``pl_module -> nn.Module``.
         verbose: log the decision and the stop (rank-aware, like ``EarlyStopping``).
         log_rank_zero_only: log from rank 0 only (the decision is the same on every rank).
+        test_covariates: fixed effects the test projects off: 'f0' asks whether y depends on
+            X at all, rather than whether y - f0 is noise (see ``REMLStopper``).
         drift_threshold, chunk_size, track_residual, seed: passed to ``REMLStopper``.
 
     Attributes:
@@ -301,6 +303,7 @@ class _REMLEarlyStoppingBody:
         chunk_size: int | None = None,
         track_residual: bool | None = None,
         seed: int = 0,
+        test_covariates: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(  # type: ignore[call-arg]
             monitor=_MONITOR,
@@ -332,6 +335,7 @@ class _REMLEarlyStoppingBody:
             chunk_size=chunk_size,
             track_residual=track_residual,
             seed=seed,
+            test_covariates=test_covariates,
         )
         # Validate the arguments now (loss names, rule, ...), not at train start: a stopper on a
         # throw-away module checks them all without touching data.

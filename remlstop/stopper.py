@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ logger = logging.getLogger("remlstop")
 
 _RULES = ("time", "trajectory")
 _ON_INSIGNIFICANT = ("stop", "warn", "continue")
+_TEST_COVARIATES = ("f0", "intercept")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,12 @@ class REMLStopper:
         chunk_size: passed to :func:`remlstop.ntk.empirical_ntk`.
         track_residual: record D and the training MSE at every check even under the time rule
             (one forward pass each); defaults to True for the trajectory rule only.
+        test_covariates: fixed effects the variance-component test projects off (M3, M5):
+            'f0' (the initial outputs, with a free coefficient), 'intercept' (one per output),
+            or a sequence of both. None tests the residual y - f0 as it is (H0: "y - f0 is
+            noise"); with 'f0' the test asks whether y depends on X at all, and keeps its size
+            on targets independent of X, where the random f0 otherwise makes it reject.
+            t-hat is unchanged; the test costs a second eigendecomposition.
     """
 
     def __init__(
@@ -171,6 +178,7 @@ class REMLStopper:
         chunk_size: int | None = None,
         track_residual: bool | None = None,
         seed: int = 0,
+        test_covariates: str | Sequence[str] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -209,6 +217,7 @@ class REMLStopper:
         self.chunk_size = chunk_size
         self.track_residual = rule == "trajectory" if track_residual is None else track_residual
         self.seed = int(seed)
+        self.test_covariates = _parse_test_covariates(test_covariates)
         self._data = data if targets is None else (data, targets)
         self._batch_to_xy = batch_to_xy
         self.clock: GradientFlowClock | None = None
@@ -227,6 +236,7 @@ class REMLStopper:
         self._t_target = math.nan
         self._spectrum0: KernelSpectrum | None = None
         self._spectrum: KernelSpectrum | None = None
+        self._test_spectrum: KernelSpectrum | None = None
         self._H0: torch.Tensor | None = None
         self._restored = False
 
@@ -276,15 +286,20 @@ class REMLStopper:
         seconds["kernel"] = time.perf_counter() - tic
         tic = time.perf_counter()
         spectrum = KernelSpectrum.from_kernel(H, u0)
+        test_spectrum = spectrum
+        Z = _covariate_matrix(self.test_covariates, f0)
+        if Z is not None:
+            test_spectrum = KernelSpectrum.from_kernel(H, u0, Z)
         seconds["spectrum"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        test = variance_component_test(spectrum, alpha=self.alpha)
+        test = variance_component_test(test_spectrum, alpha=self.alpha)
         seconds["test"] = time.perf_counter() - tic
         tic = time.perf_counter()
         fit = reml_fit(spectrum)
         seconds["fit"] = time.perf_counter() - tic
 
         self._spectrum0 = self._spectrum = spectrum
+        self._test_spectrum = test_spectrum
         self._set_kernel(H, u0, fit)
         if self.refresh_every_n_steps is not None:
             self._H0 = H
@@ -450,6 +465,8 @@ class REMLStopper:
             "Hu0": self._Hu0.detach().cpu(),
             "spectrum0": _spectrum_state(self._spectrum0),
             "spectrum": _spectrum_state(self._spectrum),
+            "test_spectrum": (None if self._test_spectrum is self._spectrum0
+                              else _spectrum_state(self._test_spectrum)),
             "H0": None if self._H0 is None else self._H0.detach().cpu(),
             "decision": {
                 "train": d.train, "target_steps": d.target_steps, "dt_per_step": d.dt_per_step,
@@ -475,15 +492,45 @@ class REMLStopper:
         self._Hu0 = state["Hu0"].to(device)
         self._spectrum0 = _spectrum_from_state(state["spectrum0"])
         self._spectrum = _spectrum_from_state(state["spectrum"])
+        saved_test = state.get("test_spectrum")
+        self._test_spectrum = (self._spectrum0 if saved_test is None
+                               else _spectrum_from_state(saved_test))
         self._H0 = None if state["H0"] is None else state["H0"].to(device)
         self.decision = Decision(
-            test=variance_component_test(self._spectrum0, alpha=self.alpha),
+            test=variance_component_test(self._test_spectrum, alpha=self.alpha),
             fit=reml_fit(self._spectrum0),
             rule=self.rule,
             **state["decision"],
         )
         self.history = [Check(**c) for c in state["history"]]
         self._restored = True
+
+
+def _parse_test_covariates(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    bad = [n for n in names if n not in _TEST_COVARIATES]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(
+            f"test_covariates must be None, one of {_TEST_COVARIATES} or a sequence of them "
+            f"without repeats; got {spec!r}."
+        )
+    return names
+
+
+def _covariate_matrix(names: tuple[str, ...], f0: torch.Tensor) -> torch.Tensor | None:
+    """Z (N, q) float64 in the row-major order of the residual: f0 as one column, an
+    intercept as one column per output; None when no column remains."""
+    n, k = f0.shape
+    columns = []
+    for name in names:
+        if name == "intercept":
+            columns.append(torch.eye(k, dtype=torch.float64, device=f0.device).repeat(n, 1))
+        elif bool(f0.any()):
+            columns.append(f0.to(torch.float64).reshape(-1, 1))
+        else:
+            # A network that starts at zero output: y - f0 = y already, nothing to project.
+            logger.info("test_covariates: f0 is identically zero; no column added for it")
+    return torch.cat(columns, dim=1) if columns else None
 
 
 def _spectrum_state(spectrum: KernelSpectrum) -> dict[str, Any]:

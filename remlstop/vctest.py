@@ -43,8 +43,10 @@ class VarianceComponentTest:
     def summary(self) -> str:
         verdict = "training warranted" if self.train else "training NOT warranted"
         extra = f"; {self.note}" if self.note else ""
+        fixed = f", {self.n_fixed} fixed effect(s) projected off" if self.n_fixed else ""
         return (
-            f"Variance-component test: R = {self.statistic:.4g} (null mean {self.null_mean:.4g}), "
+            f"Variance-component test{fixed}: R = {self.statistic:.4g} (null mean "
+            f"{self.null_mean:.4g}), "
             f"p = {self.pvalue:.3g} [{self.method}{extra}], Satterthwaite p = "
             f"{self.pvalue_satterthwaite:.3g}; {verdict} at alpha = {self.alpha:g}"
         )

@@ -436,6 +436,13 @@ def test_bad_arguments_are_refused_at_construction():
         REMLEarlyStopping(rule="patience")
     with pytest.raises(TypeError, match="data must be"):
         REMLEarlyStopping(data=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="test_covariates"):
+        REMLEarlyStopping(test_covariates="bias")
+
+
+def test_test_covariates_reach_the_stopper():
+    _, cb, _ = _fit(lr=0.05, cb_kwargs={"test_covariates": "f0"})
+    assert cb.decision.test.n_fixed == 1 and cb.stopper.stop_step is not None
 
 
 def test_several_optimizers_are_refused():

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from remlstop.datasets import paper_mlp, paper_simple_function
+from remlstop.ntk import empirical_ntk
 from remlstop.stopper import REMLStopper
+from remlstop.vctest import variance_component_test
 
 
 def _setup(seed=0, n=200, width=64, lr=0.05, noise_only=False, **kwargs):
@@ -248,6 +250,8 @@ def test_dataloader_and_max_samples():
         ({"on_insignificant": "ignore"}, ValueError, "on_insignificant"),
         ({"loss": "cross_entropy"}, ValueError, "one-hot"),
         ({"alpha": 0.0}, ValueError, "alpha"),
+        ({"test_covariates": "y"}, ValueError, "test_covariates"),
+        ({"test_covariates": ["f0", "f0"]}, ValueError, "test_covariates"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, match):
@@ -276,3 +280,79 @@ def test_bad_data_is_refused_at_start():
         REMLStopper(nan_model, x, y, optimizer=opt).start()
     with pytest.raises(RuntimeError, match="start"):
         REMLStopper(model, x, y, optimizer=opt).step()
+
+
+def _initial_residual(model, x, y):
+    with torch.no_grad():
+        f0 = model(x)
+    return f0, (y.double() - f0.double()).reshape(-1)
+
+
+def test_test_covariates_f0_projects_the_initial_output_off_in_the_test_only():
+    model, opt, stopper, x, y = _setup(seed=2, test_covariates="f0")
+    decision = stopper.start()
+    f0, u0 = _initial_residual(model, x, y)
+    direct = variance_component_test(empirical_ntk(model, x), u0, covariates=f0)
+    assert decision.test.n_fixed == 1
+    assert decision.test.pvalue == pytest.approx(direct.pvalue, rel=1e-9)
+    assert decision.test.statistic == pytest.approx(direct.statistic, rel=1e-12)
+    assert "1 fixed effect(s) projected off" in str(decision)
+    plain = _setup(seed=2)[2].start()
+    assert decision.fit.t == pytest.approx(plain.fit.t, rel=1e-12)  # t-hat is unchanged
+    assert decision.test.statistic != pytest.approx(plain.test.statistic, rel=1e-6)
+
+
+def test_test_covariates_f0_keeps_the_size_on_targets_independent_of_x():
+    # An output layer scaled up makes the random f0 large: the plain test then rejects on pure
+    # noise targets (its H0 is "y - f0 is noise"), the test with f0 projected off does not.
+    draws = 200
+    rejections = {None: 0, "f0": 0}
+    for seed in range(draws):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(80, 10, generator=g), torch.randn(80, 1, generator=g)
+        model = paper_mlp(width=32, seed=seed)
+        with torch.no_grad():
+            model[-1].weight.mul_(3.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for cov in rejections:
+            decision = REMLStopper(model, x, y, optimizer=opt, test_covariates=cov).start()
+            rejections[cov] += decision.test.train
+    assert rejections[None] / draws > 0.25
+    assert 0.02 <= rejections["f0"] / draws <= 0.09  # alpha = 0.05, binomial SE 0.015
+
+
+def test_test_covariates_intercept_is_one_column_per_output():
+    x, _, _, _ = paper_simple_function(n=90, n_train=60, seed=4)
+    y = torch.randn(60, 2, generator=torch.Generator().manual_seed(4))
+    model = paper_mlp(width=16, d_out=2, seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    decision = REMLStopper(model, x, y, optimizer=opt, test_covariates="intercept").start()
+    _, u0 = _initial_residual(model, x, y)
+    H = empirical_ntk(model, x)
+    direct = variance_component_test(H, u0, covariates=torch.ones(60, 1))
+    assert decision.test.n_fixed == 2
+    assert decision.test.pvalue == pytest.approx(direct.pvalue, rel=1e-9)
+    both = REMLStopper(model, x, y, optimizer=opt, test_covariates=("f0", "intercept")).start()
+    assert both.test.n_fixed == 3
+
+
+def test_test_covariates_f0_of_a_zero_output_network_adds_no_column():
+    model, opt, stopper, x, y = _setup(seed=5, test_covariates="f0")
+    with torch.no_grad():
+        model[-1].weight.zero_()
+        model[-1].bias.zero_()
+    decision = stopper.start()
+    assert decision.test.n_fixed == 0
+    plain = REMLStopper(model, x, y, optimizer=opt).start()
+    assert decision.test.pvalue == plain.test.pvalue
+
+
+def test_test_covariates_survive_a_resume():
+    model, opt, stopper, x, y = _setup(seed=6, test_covariates="f0")
+    decision = stopper.start()
+    state = stopper.state_dict()
+    resumed = REMLStopper(model, x, y, optimizer=opt, test_covariates="f0")
+    resumed.load_state_dict(state)
+    again = resumed.start()
+    assert again.test.n_fixed == 1
+    assert again.test.pvalue == pytest.approx(decision.test.pvalue, rel=1e-12)
