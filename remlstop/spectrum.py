@@ -14,7 +14,7 @@ import torch
 
 from .linalg import blas_threads, spectral_projection
 
-__all__ = ["KernelSpectrum", "as_float64_vector"]
+__all__ = ["KernelSpectrum", "as_float64_vector", "expand_covariates"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -90,8 +90,10 @@ def _check_kernel(kernel: ArrayLike) -> np.ndarray:
     return 0.5 * (H + H.T)
 
 
-def _expand_covariates(covariates: ArrayLike, n_total: int) -> np.ndarray:
-    """Covariates as an (N, q) float64 matrix; (n, q) with N = n*K is expanded per output."""
+def expand_covariates(covariates: ArrayLike, n_total: int) -> np.ndarray:
+    """Fixed-effect covariates Z (M5) as an (N, q) float64 matrix, rows in the row-major order
+    of the residual; an (n, q) matrix with N = n*K is expanded to one column per covariate and
+    output (Z kron I_K)."""
     Z = np.asarray(_to_numpy(covariates), dtype=np.float64)
     if Z.ndim == 1:
         Z = Z[:, None]
@@ -219,7 +221,7 @@ class KernelSpectrum:
             )
         q = 0
         if covariates is not None:
-            Q = _orthonormal_basis(_expand_covariates(covariates, n_total))
+            Q = _orthonormal_basis(expand_covariates(covariates, n_total))
             q = Q.shape[1]
             # P H P - s Q Q^T: the covariate directions get eigenvalue -s, well apart from the
             # compressed kernel's (all >= 0), so they are split off exactly even where the

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +23,7 @@ from .clock import GradientFlowClock, LossSpec, loss_matched_time, parse_loss
 from .data import as_target_matrix, collect_xy
 from .ntk import empirical_ntk
 from .reml import REMLFit, reml_fit
-from .spectrum import KernelSpectrum
+from .spectrum import KernelSpectrum, expand_covariates
 from .vctest import VarianceComponentTest, variance_component_test
 
 __all__ = ["REMLStopper", "Decision", "Check"]
@@ -517,20 +518,20 @@ def _parse_test_covariates(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-def _covariate_matrix(names: tuple[str, ...], f0: torch.Tensor) -> torch.Tensor | None:
+def _covariate_matrix(names: tuple[str, ...], f0: torch.Tensor) -> np.ndarray | None:
     """Z (N, q) float64 in the row-major order of the residual: f0 as one column, an
     intercept as one column per output; None when no column remains."""
     n, k = f0.shape
     columns = []
     for name in names:
         if name == "intercept":
-            columns.append(torch.eye(k, dtype=torch.float64, device=f0.device).repeat(n, 1))
+            columns.append(expand_covariates(np.ones((n, 1)), n * k))
         elif bool(f0.any()):
-            columns.append(f0.to(torch.float64).reshape(-1, 1))
+            columns.append(expand_covariates(f0.reshape(-1, 1), n * k))
         else:
             # A network that starts at zero output: y - f0 = y already, nothing to project.
             logger.info("test_covariates: f0 is identically zero; no column added for it")
-    return torch.cat(columns, dim=1) if columns else None
+    return np.hstack(columns) if columns else None
 
 
 def _spectrum_state(spectrum: KernelSpectrum) -> dict[str, Any]:
