@@ -6,8 +6,12 @@ tests whether that component is non-zero (train at all?) and estimates it by REM
 """
 
 from .clock import GradientFlowClock, loss_matched_time
+from .criteria import CRITERIA, Criteria, evaluate_criteria
+from .gcv import GCVFit, gcv_fit
 from .ntk import empirical_ntk, ntk_trace, ntk_vector_product
-from .reml import GCVFit, REMLFit, gcv_fit, profile_loglik, reml_fit
+from .options import StopperOptions
+from .priors import PriorFit, fit_prior
+from .reml import REMLFit, profile_loglik, reml_fit
 from .spectrum import KernelSpectrum
 from .stopper import Decision, REMLStopper
 from .vctest import VarianceComponentTest, variance_component_test
@@ -15,14 +19,20 @@ from .vctest import VarianceComponentTest, variance_component_test
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CRITERIA",
+    "Criteria",
     "Decision",
     "GCVFit",
     "GradientFlowClock",
     "KernelSpectrum",
+    "PriorFit",
     "REMLFit",
     "REMLStopper",
+    "StopperOptions",
     "VarianceComponentTest",
     "empirical_ntk",
+    "evaluate_criteria",
+    "fit_prior",
     "gcv_fit",
     "loss_matched_time",
     "ntk_trace",

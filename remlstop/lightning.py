@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,6 +88,7 @@ from torch import nn
 
 from .clock import LossSpec
 from .data import collect_xy, default_batch_adapter
+from .options import StopperOptions
 from .stopper import Check, Decision, REMLStopper
 
 __all__ = ["REMLEarlyStopping", "REMLEarlyStoppingL", "callback_class"]
@@ -248,14 +249,6 @@ class _REMLEarlyStoppingBody:
     Args:
         loss: the training loss, 'half_mse' (``0.5 * mean((f - y)**2)``), 'mse', 'half_sum',
             'sum' or an ``nn.MSELoss``; classification losses are refused (M1, M6).
-        alpha: level of the variance-component test (M5).
-        rule: 'time' (stop when the clock reaches t-hat) or 'trajectory' (stop at the first check
-            where D <= 0 on the real residual).
-        check_every_n_steps: optimizer steps between checks.
-        refresh_every_n_steps: recompute the NTK every so many steps and re-estimate t-hat (M6).
-        on_insignificant: 'stop' (stop before any update), 'warn' or 'continue' when the test
-            finds no signal.
-        max_samples: compute the kernel on a random subset of this many rows.
         batch_to_xy: function batch -> (x, y) for batches that are not ``(x, y)`` pairs or dicts
             with 'x'/'y' or 'input'/'target' keys.
         data: an ``(X, Y)`` pair of tensors to use instead of the train dataloader (taken as the
@@ -265,9 +258,9 @@ class _REMLEarlyStoppingBody:
             ``"net"``), or a function ``pl_module -> nn.Module``.
         verbose: log the decision and the stop (rank-aware, like ``EarlyStopping``).
         log_rank_zero_only: log from rank 0 only (the decision is the same on every rank).
-        test_covariates: fixed effects the test projects off: 'f0' asks whether y depends on
-            X at all, rather than whether y - f0 is noise (see ``REMLStopper``).
-        drift_threshold, chunk_size, track_residual, seed: passed to ``REMLStopper``.
+        **options: the stopper's options (``criterion=``, ``rule=``, ``alpha=``,
+            ``on_insignificant=``, ...), the fields of :class:`remlstop.StopperOptions`, where
+            each is documented; validated here, at construction.
 
     Attributes:
         stopper: the :class:`~remlstop.REMLStopper` (None before ``on_train_start``).
@@ -288,22 +281,12 @@ class _REMLEarlyStoppingBody:
         self,
         loss: str | nn.Module | LossSpec = "half_mse",
         *,
-        alpha: float = 0.05,
-        rule: str = "time",
-        check_every_n_steps: int = 1,
-        refresh_every_n_steps: int | None = None,
-        on_insignificant: str = "stop",
-        max_samples: int | None = None,
         batch_to_xy: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
         model: str | nn.Module | Callable[[Any], nn.Module] | None = None,
         verbose: bool = False,
         log_rank_zero_only: bool = True,
-        drift_threshold: float = 0.1,
-        chunk_size: int | None = None,
-        track_residual: bool | None = None,
-        seed: int = 0,
-        test_covariates: str | Sequence[str] | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(  # type: ignore[call-arg]
             monitor=_MONITOR,
@@ -323,24 +306,12 @@ class _REMLEarlyStoppingBody:
                 "data must be None (use the train dataloader) or an (X, Y) pair of tensors; got "
                 f"{type(data).__name__}."
             )
-        self._stopper_kwargs: dict[str, Any] = dict(
-            loss=loss,
-            alpha=alpha,
-            rule=rule,
-            check_every_n_steps=check_every_n_steps,
-            refresh_every_n_steps=refresh_every_n_steps,
-            on_insignificant=on_insignificant,
-            max_samples=max_samples,
-            drift_threshold=drift_threshold,
-            chunk_size=chunk_size,
-            track_residual=track_residual,
-            seed=seed,
-            test_covariates=test_covariates,
-        )
-        # Validate the arguments now (loss names, rule, ...), not at train start: a stopper on a
-        # throw-away module checks them all without touching data.
-        REMLStopper(nn.Linear(1, 1), None, optimizer=None, **self._stopper_kwargs)  # type: ignore
-        self.rule = rule
+        try:
+            self.options = StopperOptions(loss=loss, **options)
+        except TypeError as err:
+            raise TypeError(
+                f"{err}; REMLEarlyStopping takes the fields of remlstop.StopperOptions as options."
+            ) from None
         self.batch_to_xy = batch_to_xy
         self._data = data
         self._model_spec = model
@@ -365,7 +336,7 @@ class _REMLEarlyStoppingBody:
     @property
     def state_key(self) -> str:
         # The same key for both packages' classes, so a checkpoint moves between them.
-        return f"REMLEarlyStopping{{'rule': {self.rule!r}}}"
+        return f"REMLEarlyStopping{{'rule': {self.options.rule!r}}}"
 
     # --------------------------------------------------------- parent's monitoring off
     def _validate_condition_metric(self, logs: dict[str, Any]) -> bool:
@@ -450,7 +421,7 @@ class _REMLEarlyStoppingBody:
             )
         X, Y = self._collect(trainer)
         stopper = REMLStopper(
-            self._resolve_model(pl_module), (X, Y), optimizer=optimizers[0], **self._stopper_kwargs
+            self._resolve_model(pl_module), (X, Y), optimizer=optimizers[0], options=self.options
         )
         pending, self._pending_state = self._pending_state, None
         if not pending:  # a new run (possibly a second fit with this callback): nothing carried
@@ -602,6 +573,7 @@ class _REMLEarlyStoppingBody:
             "remlstop/t_hat": float(stopper.t_target),
             "remlstop/target_steps": float(d.target_steps),
             "remlstop/df": float(d.fit.df),
+            "remlstop/misfit": float(d.misfit),
             "remlstop/t": float(stopper.clock.t) if stopper.clock is not None else 0.0,
         }
         last_D = next((c.D for c in reversed(stopper.history) if c.D is not None), None)
@@ -635,8 +607,8 @@ class _REMLEarlyStoppingBody:
         self.stopping_reason_message = state_dict.get("stopping_reason_message")
 
     def __repr__(self) -> str:
-        k = self._stopper_kwargs
+        o = self.options
         return (
-            f"{type(self).__name__}(loss={k['loss']!r}, alpha={k['alpha']}, rule={k['rule']!r}, "
-            f"on_insignificant={k['on_insignificant']!r})"
+            f"{type(self).__name__}(loss={o.loss.name!r}, alpha={o.alpha}, "
+            f"criterion={o.criterion!r}, rule={o.rule!r}, on_insignificant={o.on_insignificant!r})"
         )

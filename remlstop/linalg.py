@@ -114,19 +114,22 @@ def symmetric_eigh(matrix: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.nd
 
 
 def spectral_projection(matrix: np.ndarray, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues of a symmetric matrix and a vector's coordinates in its eigenbasis.
+    """Eigenvalues of a symmetric matrix and a vector's (or columns') coordinates in its eigenbasis.
 
-    Shapes: matrix (N, N) and vector (N,) float64 in; (N,) ascending eigenvalues lambda and
-    (N,) z = V^T vector out (METHOD M4), without forming the N x N eigenvector matrix V of
-    the matrix. The matrix is reduced to tridiagonal form T = Q^T A Q (LAPACK ``dsytrd``),
-    the vector is carried along by the Householder reflectors (Q^T vector, O(N^2)), and T is
-    decomposed by divide and conquer (``dstevd``). Skipping the back-transformation V = Q W,
-    about half the flops of a full ``eigh``, made it 1.6-1.7x faster at N = 1,000-2,000 with the
-    same eigenvalues (benchmarks/eigh_threads.py). Falls back to :func:`symmetric_eigh` if
-    LAPACK reports a failure.
+    Shapes: matrix (N, N) and vector (N,) or (N, c) float64 in; (N,) ascending eigenvalues
+    lambda and z = V^T vector out, of the vector's shape (METHOD M4; columns carry fixed effects
+    along, M9), without forming the N x N eigenvector matrix V of the matrix. The matrix is
+    reduced to tridiagonal form T = Q^T A Q (LAPACK ``dsytrd``), the vector is carried along by
+    the Householder reflectors (Q^T vector, O(N^2 c)), and T is decomposed by divide and conquer
+    (``dstevd``). Skipping the back-transformation V = Q W, about half the flops of a full
+    ``eigh``, made it 1.6-1.7x faster at N = 1,000-2,000 with the same eigenvalues
+    (benchmarks/eigh_threads.py). Falls back to :func:`symmetric_eigh` if LAPACK reports a
+    failure.
     """
     A = np.asarray(matrix, dtype=np.float64)
-    u = np.asarray(vector, dtype=np.float64).reshape(-1)
+    u = np.asarray(vector, dtype=np.float64)
+    shape = u.shape
+    u = u.reshape(shape[0], -1)
     n = A.shape[0]
     with blas_threads(eigh_threads(n)):
         lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
@@ -139,10 +142,10 @@ def spectral_projection(matrix: np.ndarray, vector: np.ndarray) -> tuple[np.ndar
                 if tau[i] != 0.0:
                     v = packed[i + 1:, i].copy()
                     v[0] = 1.0
-                    w[i + 1:] -= (tau[i] * (v @ w[i + 1:])) * v
+                    w[i + 1:] -= np.outer(v, tau[i] * (v @ w[i + 1:]))
             evals, W, info = lapack.dstevd(diag, offdiag, compute_v=1)
         if info == 0:
-            return evals, W.T @ w
+            return evals, (W.T @ w).reshape(shape)
     evals, evecs = symmetric_eigh(A)
     with blas_threads():
-        return evals, evecs.T @ u
+        return evals, (evecs.T @ u).reshape(shape)

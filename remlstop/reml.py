@@ -1,70 +1,31 @@
-"""REML for the training time (METHOD M4) and generalised cross-validation (M7).
+"""REML for the training time under the paper's prior (METHOD M4), and the family dispatch (M9).
 
-Everything here is a pure function of a :class:`~remlstop.spectrum.KernelSpectrum`. Weights
-w_j(t) = z_j^2 exp(-t lambda_j) are handled in log space with the largest term factored out, so
-no quantity underflows at large t, and roots are sought in log t inside brackets that are widened
-until they hold, so kernels on any scale (1e-6 ... 1e6) work.
+Everything here is a pure function of a :class:`~remlstop.spectrum.KernelSpectrum`. The weights
+w_j(t) come from :mod:`remlstop.flow` in log space, and roots are sought in log t inside brackets
+that are widened until they hold, so kernels on any scale (1e-6 ... 1e6) work. Other prior
+families (``linear``, ``power``) and fixed effects are fitted in :mod:`remlstop.priors`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from scipy import optimize, stats
 from scipy.special import logsumexp
 
+from .flow import effective_df, log_z2, time_to_steps, weight_moments, weighted_mean_eigenvalue
+from .priors import PRIORS, PriorFit, bayes_risk, fit_prior
 from .spectrum import KernelSpectrum
 
-__all__ = [
-    "REMLFit",
-    "GCVFit",
-    "reml_fit",
-    "gcv_fit",
-    "profile_loglik",
-    "weighted_mean_eigenvalue",
-    "effective_df",
-]
+__all__ = ["REMLFit", "reml_fit", "profile_loglik"]
 
 # Bracket growth in log t and the furthest it may go, in units of 1/lambda-bar: e^690 keeps
 # t * lambda finite in float64.
 _STEP = 2.0
 _REACH = 690.0
-
-
-def _log_z2(spectrum: KernelSpectrum) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return 2.0 * np.log(np.abs(spectrum.z))
-
-
-def _log_weights(spectrum: KernelSpectrum, t: float) -> np.ndarray:
-    """log w_j(t) = 2 log|z_j| - t lambda_j (-inf where z_j = 0)."""
-    return _log_z2(spectrum) - t * spectrum.eigenvalues
-
-
-def _weight_moments(spectrum: KernelSpectrum, t: float) -> tuple[float, float, float]:
-    """(log sum_j w_j, weighted mean of lambda, weighted variance of lambda) at time t."""
-    a = _log_weights(spectrum, t)
-    top = float(np.max(a))
-    w = np.exp(a - top)
-    total = float(w.sum())
-    lam = spectrum.eigenvalues
-    mean = float(np.dot(w, lam) / total)
-    var = float(np.dot(w, (lam - mean) ** 2) / total)
-    return top + math.log(total), mean, var
-
-
-def weighted_mean_eigenvalue(spectrum: KernelSpectrum, t: float) -> float:
-    """g-bar(t) = sum_j lambda_j w_j(t) / sum_j w_j(t) (METHOD M4); decreasing in t."""
-    return _weight_moments(spectrum, t)[1]
-
-
-def effective_df(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
-    """df(t) = sum_j (1 - exp(-t lambda_j)) (METHOD M4), t in gradient-flow time units."""
-    t_arr = np.asarray(t, dtype=np.float64)
-    out = np.sum(-np.expm1(-np.multiply.outer(t_arr, spectrum.eigenvalues)), axis=-1)
-    return float(out) if out.ndim == 0 else out
 
 
 def profile_loglik(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
@@ -74,7 +35,7 @@ def profile_loglik(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | n
     """
     t_arr = np.asarray(t, dtype=np.float64)
     m = spectrum.dim
-    logz2 = _log_z2(spectrum)
+    logz2 = log_z2(spectrum)
     a = logz2[None, :] - np.multiply.outer(t_arr.reshape(-1), spectrum.eigenvalues)
     log_sigma2 = logsumexp(a, axis=1) - math.log(m)
     value = (
@@ -85,25 +46,8 @@ def profile_loglik(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | n
     return float(value[0]) if t_arr.ndim == 0 else value.reshape(t_arr.shape)
 
 
-def _check_dt(dt_per_step: float) -> float:
-    dt = float(dt_per_step)
-    if not math.isfinite(dt) or dt <= 0:
-        raise ValueError(
-            f"dt_per_step must be a positive finite gradient-flow time per step, got {dt_per_step}."
-        )
-    return dt
-
-
-class _StopTime:
-    t: float
-
-    def steps(self, dt_per_step: float) -> float:
-        """Optimizer steps to reach t at ``dt_per_step`` time units per step (METHOD M2)."""
-        return self.t / _check_dt(dt_per_step)
-
-
 @dataclass(frozen=True)
-class REMLFit(_StopTime):
+class REMLFit:
     """REML estimate of the training time (METHOD M4).
 
     Attributes:
@@ -133,6 +77,28 @@ class REMLFit(_StopTime):
     mean_eigenvalue: float
     level: float
     spectrum: KernelSpectrum = field(repr=False, compare=False)
+    prior: ClassVar[str] = "exp"
+    n_params: ClassVar[int] = 1
+
+    @property
+    def params(self) -> dict[str, float]:
+        """The exp family's one parameter, t (METHOD M9)."""
+        return {"t": self.t}
+
+    @property
+    def unbounded(self) -> bool:
+        """True when the likelihood rises for ever: no finite stop time."""
+        return math.isinf(self.t)
+
+    def steps(self, dt_per_step: float) -> float:
+        """Optimizer steps to reach t at ``dt_per_step`` time units per step (METHOD M2)."""
+        return time_to_steps(self.t, dt_per_step)
+
+    def risk_at(self, t: float | np.ndarray) -> float | np.ndarray:
+        """R(t) under the fitted exp prior, sigma2 units (M9); minimised at t-hat."""
+        lam = self.spectrum.eigenvalues
+        log1pk = np.where(lam > 0, math.inf, 0.0) if self.unbounded else self.t * lam
+        return bayes_risk(self.spectrum, log1pk, t)
 
     def loglik_at(self, t: float | np.ndarray) -> float | np.ndarray:
         """The profile log-likelihood l(t) of this fit's spectrum, for plots."""
@@ -193,15 +159,36 @@ def _likelihood_interval(
     return lower, upper
 
 
-def reml_fit(spectrum: KernelSpectrum, *, level: float = 0.95) -> REMLFit:
-    """REML estimate of the training time t on a kernel spectrum (METHOD M4).
+def reml_fit(
+    spectrum: KernelSpectrum, *, prior: str = "exp", level: float = 0.95
+) -> REMLFit | PriorFit:
+    """REML fit of the signal prior and its stop time on a kernel spectrum (METHOD M4, M9).
 
-    t-hat = 0 when g-bar(0) <= lambda-bar; otherwise the unique root of g-bar(t) = lambda-bar,
-    found in log t (a bracket widened until it holds) and polished by Newton steps on the score.
-    Returns an :class:`REMLFit` in gradient-flow time units; ``fit.steps(dt)`` converts.
+    ``prior='exp'`` (the paper's model, the default): t-hat = 0 when g-bar(0) <= lambda-bar;
+    otherwise the unique root of g-bar(t) = lambda-bar, found in log t (a bracket widened until
+    it holds) and polished by Newton steps on the score; returns an :class:`REMLFit`. With
+    ``'linear'`` or ``'power'``, or a spectrum carrying ``fixed_effects`` (genuine REML), the
+    family is fitted by :func:`remlstop.priors.fit_prior` and its Bayes-risk stop time returned
+    as a :class:`~remlstop.priors.PriorFit`. Both are in gradient-flow time units;
+    ``fit.steps(dt)`` converts.
+
+    A spectrum built with ``covariates=`` (the kernel compressed to their complement, which
+    the test reads) is exact for ``linear`` only: Q^T(I + aH)Q = I + a Q^T H Q, but
+    Q^T e^{tH} Q != e^{t Q^T H Q}. ``exp`` and ``power`` refuse it.
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}.")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
+    if spectrum.n_fixed > 0 and prior != "linear":
+        raise ValueError(
+            f"this spectrum is compressed to the complement of {spectrum.n_fixed} covariate(s) "
+            f"(covariates=), on which REML with the {prior!r} prior would fit the wrong model "
+            "(METHOD M9). Build it with KernelSpectrum.from_kernel(H, u0, fixed_effects=Z) for "
+            "genuine REML with fixed effects."
+        )
+    if prior != "exp" or spectrum.fixed_effects is not None:
+        return fit_prior(spectrum, prior, level=level)
     lam_bar = spectrum.mean_eigenvalue
     m = spectrum.dim
     s0 = -math.log(lam_bar)
@@ -235,7 +222,7 @@ def reml_fit(spectrum: KernelSpectrum, *, level: float = 0.95) -> REMLFit:
             loglik=math.inf, information=0.0, interval=(0.0, math.inf), decorrelation=0.0,
             statistic=g0, mean_eigenvalue=lam_bar, level=level, spectrum=spectrum,
         )  # fmt: skip
-    log_total, g_hat, var_hat = _weight_moments(spectrum, t_hat)
+    log_total, g_hat, var_hat = weight_moments(spectrum, t_hat)
     loglik = profile_loglik(spectrum, t_hat)
     # Cov_j(lambda_j, w_j) = (sum w / m) (g-bar - lambda-bar), kept in its exact factored form.
     decorrelation = math.exp(log_total) / m * (g_hat - lam_bar)
@@ -261,7 +248,7 @@ def _newton_polish(spectrum: KernelSpectrum, t: float, lam_bar: float) -> float:
     best_t = t
     best_err = abs(weighted_mean_eigenvalue(spectrum, t) - lam_bar)
     for _ in range(3):
-        _, g, var = _weight_moments(spectrum, best_t)
+        _, g, var = weight_moments(spectrum, best_t)
         if var <= 0:
             break
         cand = best_t + (g - lam_bar) / var
@@ -272,75 +259,3 @@ def _newton_polish(spectrum: KernelSpectrum, t: float, lam_bar: float) -> float:
             break
         best_t, best_err = cand, err
     return best_t
-
-
-@dataclass(frozen=True)
-class GCVFit(_StopTime):
-    """Generalised cross-validation stop time (METHOD M7), same shape as :class:`REMLFit`.
-
-    Attributes:
-        t: the minimiser of GCV(t) = m ||r_t||^2 / (m - df(t))^2, gradient-flow time.
-        boundary: True when the minimum is at t = 0.
-        converged: the bounded minimisation converged.
-        sigma2: ||r_t||^2 / (m - df(t)) at the minimiser.
-        df: df(t).
-        criterion: GCV(t) at the minimiser.
-    """
-
-    t: float
-    boundary: bool
-    converged: bool
-    sigma2: float
-    df: float
-    criterion: float
-
-    def summary(self) -> str:
-        return (
-            f"GCV: t = {self.t:.4g}, df = {self.df:.1f}, sigma2 = {self.sigma2:.4g}, "
-            f"GCV = {self.criterion:.4g}"
-        )
-
-
-def _log_gcv(spectrum: KernelSpectrum, t: float) -> float:
-    """log GCV(t), using m - df(t) = sum_j exp(-t lambda_j) so nothing cancels."""
-    lam = spectrum.eigenvalues
-    log_rss = logsumexp(_log_z2(spectrum) - 2.0 * t * lam)
-    log_dof = logsumexp(-t * lam)
-    return math.log(spectrum.dim) + float(log_rss) - 2.0 * float(log_dof)
-
-
-def gcv_fit(spectrum: KernelSpectrum, *, grid_size: int = 400) -> GCVFit:
-    """Minimise GCV(t) = m ||r_t||^2 / (m - df(t))^2 over t >= 0 (METHOD M7).
-
-    GCV is not unimodal in general, so a log-spaced grid over the whole range where the flow
-    moves (t lambda_max from 1e-3 to t lambda_min+ = 50) is scanned first and the best cell then
-    refined by a bounded scalar minimisation in log t.
-    """
-    lam = spectrum.eigenvalues
-    positive = lam[lam > 1e-12 * lam[-1]]
-    s_lo = math.log(1e-3 / lam[-1])
-    s_hi = math.log(50.0 / positive[0])
-    grid = np.linspace(s_lo, s_hi, grid_size)
-    values = np.array([_log_gcv(spectrum, math.exp(s)) for s in grid])
-    k = int(np.argmin(values))
-    a, b = grid[max(k - 1, 0)], grid[min(k + 1, grid_size - 1)]
-    res = optimize.minimize_scalar(
-        lambda s: _log_gcv(spectrum, math.exp(s)), bounds=(a, b), method="bounded",
-        options={"xatol": 1e-10},
-    )  # fmt: skip
-    s_best, v_best = (float(res.x), float(res.fun)) if res.fun <= values[k] else (grid[k], values[k])
-    t_best = math.exp(s_best)
-    if _log_gcv(spectrum, 0.0) <= v_best:
-        t_best, v_best = 0.0, _log_gcv(spectrum, 0.0)
-    df = effective_df(spectrum, t_best)
-    log_rss = float(logsumexp(_log_z2(spectrum) - 2.0 * t_best * lam))
-    # m - df(t) = sum_j exp(-t lambda_j) in log space: at large t, m - df rounds to 0.
-    log_dof = float(logsumexp(-t_best * lam))
-    return GCVFit(
-        t=t_best,
-        boundary=t_best == 0.0,
-        converged=bool(res.success),
-        sigma2=math.exp(log_rss - log_dof),
-        df=df,
-        criterion=math.exp(v_best),
-    )

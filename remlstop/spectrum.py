@@ -143,6 +143,10 @@ class KernelSpectrum:
         n_fixed: q, the number of fixed-effect covariates projected out (M5).
         trace: trace of the (compressed) kernel before clipping.
         clipped_mass: total magnitude of the tiny negative eigenvalues clipped to 0.
+        fixed_effects: None, or W = V^T Q (m, q_R): an orthonormal basis Q of fixed-effect
+            covariates carried into the eigenbasis of the *uncompressed* kernel, for genuine
+            REML with fixed effects (METHOD M9). Such a spectrum keeps all N eigenvalues; the
+            variance-component test needs the compressed one (``covariates=``) instead.
     """
 
     eigenvalues: np.ndarray = field(repr=False)
@@ -151,6 +155,12 @@ class KernelSpectrum:
     n_fixed: int
     trace: float
     clipped_mass: float
+    fixed_effects: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_reml_fixed(self) -> int:
+        """q_R: the number of fixed effects REML accounts for through ``fixed_effects`` (M9)."""
+        return 0 if self.fixed_effects is None else int(self.fixed_effects.shape[1])
 
     @property
     def dim(self) -> int:
@@ -169,9 +179,17 @@ class KernelSpectrum:
 
     @classmethod
     def from_eigen(
-        cls, eigenvalues: ArrayLike, z: ArrayLike, *, n_fixed: int = 0, clipped_mass: float = 0.0
+        cls,
+        eigenvalues: ArrayLike,
+        z: ArrayLike,
+        *,
+        n_fixed: int = 0,
+        clipped_mass: float = 0.0,
+        fixed_effects: ArrayLike | None = None,
     ) -> KernelSpectrum:
-        """Build from eigenvalues (m,) and projections z (m,) computed elsewhere (e.g. Lanczos)."""
+        """Build from eigenvalues (m,) and projections z (m,) computed elsewhere (e.g. Lanczos).
+
+        ``fixed_effects``: W = V^T Q, (m, q) with orthonormal columns, for REML (M9)."""
         lam = as_float64_vector(eigenvalues, "eigenvalues")
         zz = as_float64_vector(z, "z")
         if lam.shape != zz.shape:
@@ -189,6 +207,16 @@ class KernelSpectrum:
         if not np.any(zz != 0):
             raise ValueError("the residual is exactly zero: the network already fits the targets.")
         order = np.argsort(lam, kind="stable")
+        W = None
+        if fixed_effects is not None:
+            W = np.asarray(_to_numpy(fixed_effects), dtype=np.float64)
+            W = W[:, None] if W.ndim == 1 else W
+            if W.ndim != 2 or W.shape[0] != lam.size or W.shape[1] >= lam.size - 2:
+                raise ValueError(
+                    f"fixed_effects must be (m, q) with m = {lam.size} rows and q <= m - 3 "
+                    f"columns; got shape {tuple(W.shape)}."
+                )
+            W = W[order]
         return cls(
             eigenvalues=lam[order],
             z=zz[order],
@@ -196,13 +224,25 @@ class KernelSpectrum:
             n_fixed=int(n_fixed),
             trace=float(lam.sum()),
             clipped_mass=float(clipped_mass),
+            fixed_effects=W,
         )
 
     @classmethod
     def from_kernel(
-        cls, kernel: ArrayLike, residual: ArrayLike, covariates: ArrayLike | None = None
+        cls,
+        kernel: ArrayLike,
+        residual: ArrayLike,
+        covariates: ArrayLike | None = None,
+        *,
+        fixed_effects: ArrayLike | None = None,
     ) -> KernelSpectrum:
         """Eigendecompose a dense kernel H (N, N) against the residual u0 (any shape, N entries).
+
+        Two ways to hold covariates Z ((N, q) or (n, q)), for two different statistics:
+        ``covariates=Z`` compresses the kernel to Z's complement, which the variance-component
+        test reads (M5); ``fixed_effects=Z`` keeps H's own eigenbasis and carries an orthonormal
+        basis of Z along (W = V^T Q), which genuine REML with fixed effects reads (M9). Pass
+        one or the other.
 
         The residual is flattened row-major (METHOD M1). With covariates Z ((N, q) or (n, q)),
         H is compressed to the orthogonal complement of Z through a reduced QR of Z (M5): the
@@ -219,8 +259,18 @@ class KernelSpectrum:
                 f"residual has {u0.size} entries but the kernel is {n_total}x{n_total}; they must "
                 "match (N = rows x outputs, flattened row-major)."
             )
+        if covariates is not None and fixed_effects is not None:
+            raise ValueError(
+                "pass covariates= (the compressed kernel, for the variance-component test) or "
+                "fixed_effects= (REML with fixed effects), not both; build two spectra."
+            )
         q = 0
-        if covariates is not None:
+        W = None
+        if fixed_effects is not None:
+            Qf = _orthonormal_basis(expand_covariates(fixed_effects, n_total))
+            evals, zW = spectral_projection(H, np.column_stack([u0, Qf]))
+            z, W = zW[:, 0], zW[:, 1:]
+        elif covariates is not None:
             Q = _orthonormal_basis(expand_covariates(covariates, n_total))
             q = Q.shape[1]
             # P H P - s Q Q^T: the covariate directions get eigenvalue -s, well apart from the
@@ -233,9 +283,10 @@ class KernelSpectrum:
                 H = H - HQ @ Q.T - Q @ HQ.T + Q @ (QtHQ - shift * np.eye(q)) @ Q.T
             H = 0.5 * (H + H.T)
             u0 = u0 - Q @ (Q.T @ u0)
-        evals, z = spectral_projection(H, u0)
-        # The q eigenvectors spanning the covariates carry eigenvalue -shift and no residual.
-        evals, z = evals[q:], z[q:]
+        if W is None:
+            evals, z = spectral_projection(H, u0)
+            # The q eigenvectors spanning the covariates carry eigenvalue -shift and no residual.
+            evals, z = evals[q:], z[q:]
         lam_max = float(evals[-1])
         if lam_max <= 0:
             raise ValueError(
@@ -265,4 +316,5 @@ class KernelSpectrum:
             n_fixed=q,
             trace=trace,
             clipped_mass=clipped,
+            fixed_effects=W,
         )

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,20 +19,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .clock import GradientFlowClock, LossSpec, loss_matched_time, parse_loss
+from .clock import GradientFlowClock, LossSpec, loss_matched_time
+from .criteria import Criteria, evaluate_criteria
 from .data import as_target_matrix, collect_xy
 from .ntk import empirical_ntk
-from .reml import REMLFit, reml_fit
+from .options import StopperOptions
+from .reml import REMLFit
 from .spectrum import KernelSpectrum, expand_covariates
 from .vctest import VarianceComponentTest, variance_component_test
 
 __all__ = ["REMLStopper", "Decision", "Check"]
 
 logger = logging.getLogger("remlstop")
-
-_RULES = ("time", "trajectory")
-_ON_INSIGNIFICANT = ("stop", "warn", "continue")
-_TEST_COVARIATES = ("f0", "intercept")
 
 
 @dataclass(frozen=True)
@@ -43,9 +41,11 @@ class Decision:
         train: whether training is warranted (the test rejects at ``alpha``, or the user chose
             ``on_insignificant='continue'``/``'warn'``).
         test: the variance-component test (M5).
-        fit: the REML fit (M4); ``fit.t`` is the target gradient-flow time.
-        target_steps: optimizer steps to reach ``fit.t`` at the learning rate held at start
-            (a schedule changes it; the clock counts the real steps).
+        fit: the paper's REML fit (M4), whatever the criterion.
+        criteria: every criterion's fit on the same spectrum (M9), with the misfit Delta.
+        criterion: the criterion whose stop time the time rule follows.
+        target_steps: optimizer steps to reach ``t_target`` at the learning rate held at start
+            (a schedule changes it; the clock counts the real steps); inf: train to the budget.
         dt_per_step: gradient-flow time per step at start (M2).
         rule: 'time' or 'trajectory'.
         kernel_path: which NTK path ran ('layerwise' or 'generic').
@@ -56,6 +56,8 @@ class Decision:
     train: bool
     test: VarianceComponentTest
     fit: REMLFit
+    criteria: Criteria
+    criterion: str
     target_steps: float
     dt_per_step: float
     rule: str
@@ -64,21 +66,37 @@ class Decision:
     n_outputs: int
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def t_target(self) -> float:
+        """The chosen criterion's stop time, gradient-flow units (inf: train to the budget)."""
+        return float(self.criteria.fits[self.criterion].t)
+
+    @property
+    def misfit(self) -> float:
+        """Delta = l_linear - l_exp in nats (M9)."""
+        return self.criteria.misfit
+
     def summary(self) -> str:
-        lo, hi = self.fit.interval
         verdict = "TRAIN" if self.train else "DO NOT TRAIN"
-        stop = (
-            f"stop at t-hat = {self.fit.t:.4g} (95% interval [{lo:.4g}, {hi:.4g}]) = "
-            f"{self.target_steps:.1f} steps at the current learning rate"
-            if math.isfinite(self.fit.t)
-            else "REML finds no finite stop time (the likelihood rises for ever)"
-        )
+        chosen = self.criteria.fits[self.criterion]
+        if self.rule == "trajectory":
+            stop = "stop at the first check where D <= 0 on the real residual (M4)"
+        elif chosen.unbounded:
+            stop = "no finite stop time: train to the budget (your max_steps)"
+        else:
+            stop = (
+                f"stop at t = {chosen.t:.4g} = {self.target_steps:.1f} steps at the current "
+                "learning rate"
+            )
         return "\n".join(
             [
                 f"remlstop decision: {verdict}",
                 f"  {self.test.summary()}",
                 f"  {self.fit.summary()}",
-                f"  rule = {self.rule}: {stop}",
+                f"  {self.criteria.misfit_message()}",
+                "  stop time by criterion (* = used):",
+                *(f"    {line}" for line in self.criteria.lines(self.dt_per_step, self.criterion)),
+                f"  criterion = {self.criterion}, rule = {self.rule}: {stop}",
                 f"  kernel: {self.kernel_path} path, n = {self.n_rows} rows x K = "
                 f"{self.n_outputs} outputs; {sum(self.seconds.values()):.2f} s spent",
             ]
@@ -133,31 +151,10 @@ class REMLStopper:
             batches split by ``batch_to_xy``.
         targets: Y when ``data`` is the input tensor X.
         optimizer: the optimizer whose learning rate drives the clock (M2).
-        loss: 'half_mse', 'mse', 'half_sum', 'sum' or an ``nn.MSELoss``; classification refused.
-        alpha: level of the variance-component test (M5).
-        rule: 'time' stops when the clock reaches t-hat; 'trajectory' stops at the first check
-            where D = u0^T H r - lambda-bar u0^T r <= 0 on the real residual r (M4).
-        check_every_n_steps: steps between checks (a check of the trajectory rule, or of a time
-            rule under an optimizer with no fixed time map, costs one forward pass over the
-            kernel rows).
-        refresh_every_n_steps: recompute the NTK at the current parameters every so many steps
-            and re-estimate t-hat (M6); None never refreshes.
-        on_insignificant: when the test does not reject: 'stop' (no update is warranted: the
-            first ``step()`` returns True and ``should_stop`` is True at once), 'warn' (log a
-            warning and follow the rule), 'continue' (follow the rule silently).
-        max_samples: compute the kernel, test and REML on a random subset of this many rows
-            (seeded by ``seed``); the clock still counts time on the full data, so the stop
-            time applies to the full run. None uses every row.
-        drift_threshold: warn when the relative kernel drift at a refresh exceeds this.
-        chunk_size: passed to :func:`remlstop.ntk.empirical_ntk`.
-        track_residual: record D and the training MSE at every check even under the time rule
-            (one forward pass each); defaults to True for the trajectory rule only.
-        test_covariates: fixed effects the variance-component test projects off (M3, M5):
-            'f0' (the initial outputs, with a free coefficient), 'intercept' (one per output),
-            or a sequence of both. None tests the residual y - f0 as it is (H0: "y - f0 is
-            noise"); with 'f0' the test asks whether y depends on X at all, and keeps its size
-            on targets independent of X, where the random f0 otherwise makes it reject.
-            t-hat is unchanged; the test costs a second eigendecomposition.
+        batch_to_xy: function batch -> (x, y) for batches that are not ``(x, y)`` pairs.
+        options: a :class:`~remlstop.options.StopperOptions`; keyword options (``loss=``,
+            ``criterion=``, ``rule=``, ``alpha=``, ...: every field of ``StopperOptions``, where
+            each is documented) override its fields.
     """
 
     def __init__(
@@ -167,58 +164,25 @@ class REMLStopper:
         targets: torch.Tensor | None = None,
         *,
         optimizer: torch.optim.Optimizer,
-        loss: str | nn.Module | LossSpec = "half_mse",
-        alpha: float = 0.05,
-        rule: str = "time",
-        check_every_n_steps: int = 1,
-        refresh_every_n_steps: int | None = None,
-        on_insignificant: str = "stop",
-        max_samples: int | None = None,
         batch_to_xy: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        drift_threshold: float = 0.1,
-        chunk_size: int | None = None,
-        track_residual: bool | None = None,
-        seed: int = 0,
-        test_covariates: str | Sequence[str] | None = None,
+        options: StopperOptions | None = None,
+        **option_values: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-        if rule not in _RULES:
-            raise ValueError(f"rule must be one of {_RULES}, got {rule!r}.")
-        if on_insignificant not in _ON_INSIGNIFICANT:
-            raise ValueError(
-                f"on_insignificant must be one of {_ON_INSIGNIFICANT}, got {on_insignificant!r}."
+        if not hasattr(optimizer, "param_groups"):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer (its learning rate drives the clock, "
+                f"METHOD M2); got {type(optimizer).__name__}. Pass the optimizer you train "
+                "with, e.g. optimizer=torch.optim.SGD(model.parameters(), lr=0.01)."
             )
-        if isinstance(check_every_n_steps, bool) or int(check_every_n_steps) != check_every_n_steps \
-                or check_every_n_steps < 1:  # fmt: skip
-            raise ValueError(
-                f"check_every_n_steps must be an integer >= 1, got {check_every_n_steps!r}."
-            )
-        if refresh_every_n_steps is not None and (
-            int(refresh_every_n_steps) != refresh_every_n_steps or refresh_every_n_steps < 1
-        ):
-            raise ValueError(
-                "refresh_every_n_steps must be None or an integer >= 1, got "
-                f"{refresh_every_n_steps!r}."
-            )
-        if not 0 < alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}.")
+        base = StopperOptions() if options is None else options
+        try:
+            self.options = base.replace(**option_values) if option_values else base
+        except TypeError as err:
+            raise TypeError(f"{err}; the options are the fields of StopperOptions.") from None
         self.model = model
-        self.loss = parse_loss(loss)
         self.optimizer = optimizer
-        self.alpha = float(alpha)
-        self.rule = rule
-        self.check_every_n_steps = int(check_every_n_steps)
-        self.refresh_every_n_steps = (
-            None if refresh_every_n_steps is None else int(refresh_every_n_steps)
-        )
-        self.on_insignificant = on_insignificant
-        self.max_samples = max_samples
-        self.drift_threshold = float(drift_threshold)
-        self.chunk_size = chunk_size
-        self.track_residual = rule == "trajectory" if track_residual is None else track_residual
-        self.seed = int(seed)
-        self.test_covariates = _parse_test_covariates(test_covariates)
         self._data = data if targets is None else (data, targets)
         self._batch_to_xy = batch_to_xy
         self.clock: GradientFlowClock | None = None
@@ -241,6 +205,18 @@ class REMLStopper:
         self._H0: torch.Tensor | None = None
         self._restored = False
 
+    @property
+    def loss(self) -> LossSpec:
+        return self.options.loss
+
+    @property
+    def rule(self) -> str:
+        return self.options.rule
+
+    @property
+    def criterion(self) -> str:
+        return self.options.criterion
+
     # ----------------------------------------------------------------- start
     def start(self) -> Decision:
         """Collect (X, Y), compute f0, the NTK, the test (M5) and REML (M4); before step 1.
@@ -249,19 +225,20 @@ class REMLStopper:
         recomputing the kernel would answer a different question) and only the data is reloaded
         for the trajectory checks.
         """
+        o = self.options
         seconds: dict[str, float] = {}
         tic = time.perf_counter()
         X, Y = collect_xy(self._data, batch_to_xy=self._batch_to_xy)
         self._n_full = X.shape[0]
-        if self.max_samples is not None and self.max_samples < X.shape[0]:
-            X, Y = collect_xy((X, Y), max_samples=self.max_samples, generator=self.seed)
+        if o.max_samples is not None and o.max_samples < X.shape[0]:
+            X, Y = collect_xy((X, Y), max_samples=o.max_samples, generator=o.seed)
         Y = as_target_matrix(Y)
         seconds["collect"] = time.perf_counter() - tic
         device = _model_device(self.model)
         self._X = X.to(device)
         self._Y = Y.to(device)
         if self.clock is None:
-            self.clock = GradientFlowClock(self.optimizer, self.loss, n_total=self._n_full)
+            self.clock = GradientFlowClock(self.optimizer, o.loss, n_total=self._n_full)
         self.clock.n_total = self._n_full
         if self._restored and self.decision is not None:
             return self.decision
@@ -283,36 +260,39 @@ class REMLStopper:
         seconds["forward"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        H, info = empirical_ntk(self.model, self._X, chunk_size=self.chunk_size, return_info=True)
+        H, info = empirical_ntk(self.model, self._X, chunk_size=o.chunk_size, return_info=True)
         seconds["kernel"] = time.perf_counter() - tic
         tic = time.perf_counter()
         spectrum = KernelSpectrum.from_kernel(H, u0)
         test_spectrum = spectrum
-        Z = _covariate_matrix(self.test_covariates, f0)
+        Z = _covariate_matrix(o.test_covariates, f0)
         if Z is not None:
             test_spectrum = KernelSpectrum.from_kernel(H, u0, Z)
         seconds["spectrum"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        test = variance_component_test(test_spectrum, alpha=self.alpha)
+        test = variance_component_test(test_spectrum, alpha=o.alpha)
         seconds["test"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        fit = reml_fit(spectrum)
+        criteria = evaluate_criteria(spectrum)
         seconds["fit"] = time.perf_counter() - tic
 
         self._spectrum0 = self._spectrum = spectrum
         self._test_spectrum = test_spectrum
-        self._set_kernel(H, u0, fit)
-        if self.refresh_every_n_steps is not None:
+        self._set_kernel(H, u0, spectrum, criteria.fits[o.criterion].t)
+        if o.refresh_every_n_steps is not None:
             self._H0 = H
         dt = self._dt_now()
-        train = test.train or self.on_insignificant != "stop"
+        train = test.train or o.on_insignificant != "stop"
+        t_target = self._t_target
         self.decision = Decision(
             train=train,
             test=test,
-            fit=fit,
-            target_steps=fit.t / dt if dt > 0 else math.inf,
+            fit=criteria.fits["reml"],
+            criteria=criteria,
+            criterion=o.criterion,
+            target_steps=t_target / dt if dt > 0 and math.isfinite(t_target) else math.inf,
             dt_per_step=dt,
-            rule=self.rule,
+            rule=o.rule,
             kernel_path=info.path,
             n_rows=int(self._X.shape[0]),
             n_outputs=int(self._Y.shape[1]),
@@ -320,30 +300,42 @@ class REMLStopper:
         )
         logger.info("%s", self.decision.summary())
         if not test.train:
-            if self.on_insignificant == "stop":
+            if o.on_insignificant == "stop":
                 self._stop(0, "the variance-component test finds no signal to learn "
-                              f"(p = {test.pvalue:.3g} >= alpha = {self.alpha:g})")  # fmt: skip
-            elif self.on_insignificant == "warn":
+                              f"(p = {test.pvalue:.3g} >= alpha = {o.alpha:g})")  # fmt: skip
+            elif o.on_insignificant == "warn":
                 warnings.warn(
                     f"the variance-component test finds no signal to learn (p = "
                     f"{test.pvalue:.3g}); training anyway because on_insignificant='warn'.",
                     UserWarning,
                     stacklevel=2,
                 )
-        if not math.isfinite(fit.t) and self.rule == "time":
-            warnings.warn(
-                "REML finds no finite stop time; the time rule will not stop this run.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if train and o.rule == "time":
+            if not math.isfinite(t_target):
+                warnings.warn(
+                    f"criterion {o.criterion!r} finds no finite stop time: the time rule will "
+                    "not stop this run; it trains to your budget (max_steps).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if o.criterion == "reml" and criteria.prior_rejected:
+                warnings.warn(
+                    f"{criteria.misfit_message()} Consider a criterion that does not assume "
+                    "it (see the decision's list).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return self.decision
 
-    def _set_kernel(self, H: torch.Tensor, u0: torch.Tensor, fit: REMLFit) -> None:
+    def _set_kernel(
+        self, H: torch.Tensor, u0: torch.Tensor, spectrum: KernelSpectrum, t_target: float
+    ) -> None:
         u0 = u0.to(H.device)
         self._u0 = u0
         self._Hu0 = H @ u0
-        self._lam_bar = float(torch.diagonal(H).sum()) / u0.numel()
-        self._t_target = fit.t
+        # lambda-bar from the spectrum, the number the REML root uses (M4), so D = 0 there.
+        self._lam_bar = spectrum.mean_eigenvalue
+        self._t_target = t_target
 
     def _dt_now(self, batch_size_rows: int | None = None) -> float:
         assert self.clock is not None
@@ -377,12 +369,13 @@ class REMLStopper:
         self.clock.steps += 1
         k = self.clock.steps
 
-        if self.refresh_every_n_steps is not None and k % self.refresh_every_n_steps == 0:
+        o = self.options
+        if o.refresh_every_n_steps is not None and k % o.refresh_every_n_steps == 0:
             self._refresh(k)
-        if k % self.check_every_n_steps != 0:
+        if k % o.check_every_n_steps != 0:
             return False
         need_residual = (
-            self.track_residual or self.rule == "trajectory" or not self.clock.fixed_map
+            o.track_residual or o.rule == "trajectory" or not self.clock.fixed_map
         )
         D = mse = None
         t_now = self.clock.t
@@ -420,17 +413,18 @@ class REMLStopper:
 
     def _refresh(self, k: int) -> None:
         """Recompute the NTK at the current parameters, record drift, re-estimate t-hat (M6)."""
-        H, _ = empirical_ntk(self.model, self._X, chunk_size=self.chunk_size, return_info=True)
+        H, _ = empirical_ntk(self.model, self._X, chunk_size=self.options.chunk_size,
+                             return_info=True)  # fmt: skip
         drift = math.nan
         if self._H0 is not None:
             drift = float(torch.linalg.norm(H - self._H0) / torch.linalg.norm(self._H0))
         spectrum = KernelSpectrum.from_kernel(H, self._u0)
-        fit = reml_fit(spectrum)
+        t_hat = evaluate_criteria(spectrum).fits[self.options.criterion].t
         self._spectrum = spectrum
-        self._set_kernel(H, self._u0, fit)
-        self.history.append(Check(step=k, t=self.clock.t, drift=drift, t_hat=fit.t))
-        logger.info("refresh at step %d: drift %.3g, t-hat %.4g", k, drift, fit.t)
-        if drift > self.drift_threshold:
+        self._set_kernel(H, self._u0, spectrum, t_hat)
+        self.history.append(Check(step=k, t=self.clock.t, drift=drift, t_hat=t_hat))
+        logger.info("refresh at step %d: drift %.3g, stop time %.4g", k, drift, t_hat)
+        if drift > self.options.drift_threshold:
             warnings.warn(
                 f"the NTK drifted by {drift:.1%} (relative Frobenius) at step {k}: the network "
                 "is leaving the linearised regime the theory assumes (METHOD M6).",
@@ -457,6 +451,7 @@ class REMLStopper:
         d = self.decision
         return {
             "clock": self.clock.state_dict(),
+            "criterion": self.options.criterion,
             "should_stop": self.should_stop,
             "stop_step": self.stop_step,
             "stopping_reason": self.stopping_reason,
@@ -482,7 +477,7 @@ class REMLStopper:
         if not state:
             return
         device = _model_device(self.model)
-        self.clock = GradientFlowClock(self.optimizer, self.loss)
+        self.clock = GradientFlowClock(self.optimizer, self.options.loss)
         self.clock.load_state_dict(state["clock"])
         self.should_stop = bool(state["should_stop"])
         self.stop_step = state["stop_step"]
@@ -497,25 +492,23 @@ class REMLStopper:
         self._test_spectrum = (self._spectrum0 if saved_test is None
                                else _spectrum_from_state(saved_test))
         self._H0 = None if state["H0"] is None else state["H0"].to(device)
+        saved = state.get("criterion", "reml")
+        if saved != self.options.criterion:
+            raise ValueError(
+                f"this state was saved by a stopper with criterion={saved!r}, but this one has "
+                f"criterion={self.options.criterion!r}; resume with the same criterion."
+            )
+        criteria = evaluate_criteria(self._spectrum0)
         self.decision = Decision(
-            test=variance_component_test(self._test_spectrum, alpha=self.alpha),
-            fit=reml_fit(self._spectrum0),
-            rule=self.rule,
+            test=variance_component_test(self._test_spectrum, alpha=self.options.alpha),
+            fit=criteria.fits["reml"],
+            criteria=criteria,
+            criterion=saved,
+            rule=self.options.rule,
             **state["decision"],
         )
         self.history = [Check(**c) for c in state["history"]]
         self._restored = True
-
-
-def _parse_test_covariates(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    bad = [n for n in names if n not in _TEST_COVARIATES]
-    if bad or len(set(names)) != len(names):
-        raise ValueError(
-            f"test_covariates must be None, one of {_TEST_COVARIATES} or a sequence of them "
-            f"without repeats; got {spec!r}."
-        )
-    return names
 
 
 def _covariate_matrix(names: tuple[str, ...], f0: torch.Tensor) -> np.ndarray | None:

@@ -75,6 +75,12 @@ def variance_component_test(
                 "KernelSpectrum.from_kernel instead."
             )
         spectrum = spectrum_or_kernel
+        if spectrum.fixed_effects is not None:
+            raise ValueError(
+                "this spectrum carries fixed effects for REML (fixed_effects=); the test reads "
+                "the kernel compressed to the covariates' complement (M5): build its spectrum "
+                "with KernelSpectrum.from_kernel(H, u0, covariates=Z)."
+            )
     else:
         if residual is None:
             raise ValueError("pass the residual u0 = y - f0 along with a dense kernel.")

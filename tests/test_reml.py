@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import linalg, optimize
 
-from remlstop.reml import (
-    effective_df, gcv_fit, profile_loglik, reml_fit, weighted_mean_eigenvalue,
-)
+from remlstop.flow import effective_df, weighted_mean_eigenvalue
+from remlstop.gcv import gcv_fit
+from remlstop.reml import profile_loglik, reml_fit
 from remlstop.spectrum import KernelSpectrum
 from tests.conftest import random_psd
 

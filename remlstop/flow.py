@@ -1,0 +1,88 @@
+"""The spectral quantities of the linearised gradient flow: the one home (METHOD M2, M4, M9).
+
+Every function reads a :class:`~remlstop.spectrum.KernelSpectrum` (eigenvalues lambda_j and
+z = V^T u0) and a gradient-flow time ``t``. Weights w_j(t) = z_j^2 exp(-t lambda_j) are handled
+in log space with the largest term factored out, so nothing underflows at large t. The stopper,
+the criteria, the plots and the benchmark read these; none recomputes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import logsumexp
+
+from .spectrum import KernelSpectrum
+
+__all__ = [
+    "log_z2",
+    "log_weights",
+    "weight_moments",
+    "weighted_mean_eigenvalue",
+    "effective_df",
+    "log_residual_norm2",
+    "log_residual_dof",
+    "check_dt",
+    "time_to_steps",
+]
+
+
+def log_z2(spectrum: KernelSpectrum) -> np.ndarray:
+    """log z_j^2, shape (m,); -inf where z_j = 0."""
+    with np.errstate(divide="ignore"):
+        return 2.0 * np.log(np.abs(spectrum.z))
+
+
+def log_weights(spectrum: KernelSpectrum, t: float) -> np.ndarray:
+    """log w_j(t) = 2 log|z_j| - t lambda_j (METHOD M4), shape (m,), t in flow time."""
+    return log_z2(spectrum) - t * spectrum.eigenvalues
+
+
+def weight_moments(spectrum: KernelSpectrum, t: float) -> tuple[float, float, float]:
+    """(log sum_j w_j, weighted mean of lambda, weighted variance of lambda) at time t (M4)."""
+    a = log_weights(spectrum, t)
+    top = float(np.max(a))
+    w = np.exp(a - top)
+    total = float(w.sum())
+    lam = spectrum.eigenvalues
+    mean = float(np.dot(w, lam) / total)
+    var = float(np.dot(w, (lam - mean) ** 2) / total)
+    return top + math.log(total), mean, var
+
+
+def weighted_mean_eigenvalue(spectrum: KernelSpectrum, t: float) -> float:
+    """g-bar(t) = sum_j lambda_j w_j(t) / sum_j w_j(t) (METHOD M4); decreasing in t."""
+    return weight_moments(spectrum, t)[1]
+
+
+def effective_df(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
+    """df(t) = sum_j (1 - exp(-t lambda_j)) (METHOD M4), t in gradient-flow time units."""
+    t_arr = np.asarray(t, dtype=np.float64)
+    out = np.sum(-np.expm1(-np.multiply.outer(t_arr, spectrum.eigenvalues)), axis=-1)
+    return float(out) if out.ndim == 0 else out
+
+
+def log_residual_norm2(spectrum: KernelSpectrum, t: float) -> float:
+    """log ||r_t||^2 = log sum_j z_j^2 exp(-2 t lambda_j): the flow's training residual (M2)."""
+    return float(logsumexp(log_z2(spectrum) - 2.0 * t * spectrum.eigenvalues))
+
+
+def log_residual_dof(spectrum: KernelSpectrum, t: float) -> float:
+    """log (m - df(t)) = log sum_j exp(-t lambda_j), so nothing cancels at large t (M9)."""
+    return float(logsumexp(-t * spectrum.eigenvalues))
+
+
+def check_dt(dt_per_step: float) -> float:
+    """A positive finite gradient-flow time per step, or ValueError naming the value."""
+    dt = float(dt_per_step)
+    if not math.isfinite(dt) or dt <= 0:
+        raise ValueError(
+            f"dt_per_step must be a positive finite gradient-flow time per step, got {dt_per_step}."
+        )
+    return dt
+
+
+def time_to_steps(t: float, dt_per_step: float) -> float:
+    """Optimizer steps to reach flow time ``t`` at ``dt_per_step`` per step (M2); inf stays inf."""
+    return t / check_dt(dt_per_step)
