@@ -38,9 +38,9 @@ def _log1pk(fit: REMLFit | PriorFit) -> np.ndarray:
     return fit.log1pk() if isinstance(fit, PriorFit) else fit.t * fit.spectrum.eigenvalues
 
 
-def _absolute_risk(fit: REMLFit | PriorFit, t: float) -> float:
+def _absolute_risk(fit: REMLFit | PriorFit, t: np.ndarray) -> np.ndarray:
     """sigma2-hat * R(t): the Bayes risk in the data's units, comparable across families."""
-    return fit.sigma2 * float(fit.risk_at(t))
+    return fit.sigma2 * np.asarray(fit.risk_at(t))
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def _average(fits: dict[str, REMLFit | PriorFit]) -> AveragedFit:
     # left out of the sum; their weight is reported as it is.
     used = {n: f for n, f in fits.items() if not f.unbounded and weights[n] > 1e-12}
 
-    def risk(t: float) -> float:
+    def risk(t: np.ndarray) -> np.ndarray:
         return sum(weights[n] * _absolute_risk(f, t) for n, f in used.items())
 
     # Each family's risk falls below its bracket and rises above it, so the weighted sum has

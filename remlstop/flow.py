@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import logsumexp
 
 from .spectrum import KernelSpectrum
 
 __all__ = [
+    "logsumexp",
     "log_z2",
     "log_weights",
     "weight_moments",
@@ -26,6 +26,21 @@ __all__ = [
     "check_dt",
     "time_to_steps",
 ]
+
+
+def logsumexp(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """log sum exp(a) along ``axis`` with the largest term factored out; -inf for all -inf.
+
+    The statistics call it thousands of times per decision on vectors of N entries, where
+    scipy's general version costs ten times more than the arithmetic.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    top = np.max(a, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.sum(np.exp(a - top), axis=axis, keepdims=True)) + top
+    out = np.squeeze(out, axis=axis) if axis is not None else out.reshape(())
+    return float(out) if out.ndim == 0 else out
 
 
 def log_z2(spectrum: KernelSpectrum) -> np.ndarray:
@@ -63,14 +78,22 @@ def effective_df(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.
     return float(out) if out.ndim == 0 else out
 
 
-def log_residual_norm2(spectrum: KernelSpectrum, t: float) -> float:
-    """log ||r_t||^2 = log sum_j z_j^2 exp(-2 t lambda_j): the flow's training residual (M2)."""
-    return float(logsumexp(log_z2(spectrum) - 2.0 * t * spectrum.eigenvalues))
+def log_residual_norm2(
+    spectrum: KernelSpectrum, t: float | np.ndarray
+) -> float | np.ndarray:
+    """log ||r_t||^2 = log sum_j z_j^2 exp(-2 t lambda_j): the flow's training residual (M2).
+
+    Vectorised over t (flow time)."""
+    tl = np.multiply.outer(np.asarray(t, dtype=np.float64), spectrum.eigenvalues)
+    return logsumexp(log_z2(spectrum) - 2.0 * tl, axis=-1)
 
 
-def log_residual_dof(spectrum: KernelSpectrum, t: float) -> float:
-    """log (m - df(t)) = log sum_j exp(-t lambda_j), so nothing cancels at large t (M9)."""
-    return float(logsumexp(-t * spectrum.eigenvalues))
+def log_residual_dof(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
+    """log (m - df(t)) = log sum_j exp(-t lambda_j), so nothing cancels at large t (M9).
+
+    Vectorised over t (flow time)."""
+    tl = np.multiply.outer(np.asarray(t, dtype=np.float64), spectrum.eigenvalues)
+    return logsumexp(-tl, axis=-1)
 
 
 def check_dt(dt_per_step: float) -> float:

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import optimize, stats
-from scipy.special import logsumexp
 
-from .flow import effective_df, log_z2, time_to_steps
+from .flow import effective_df, log_z2, logsumexp, time_to_steps
 from .spectrum import KernelSpectrum
 
 __all__ = [
@@ -40,6 +39,9 @@ _B_RANGE = (0.25, 4.0)
 # Grids in log(scale * lambda_max): wide enough that both ends are limits in practice.
 _LOG_SCALE_RANGE = (-14.0, 28.0)
 _GRID = 85
+# A maximum this close to the likelihood at the grid's top cannot be told from an infinite
+# scale by the data: it is reported as unbounded (train to the budget).
+_PLATEAU_NATS = 1e-6
 _B_GRID = 13
 
 
@@ -143,7 +145,7 @@ def bayes_risk_stop_time(spectrum: KernelSpectrum, log1pk: np.ndarray) -> float:
     lo, hi = risk_bracket(spectrum, log1pk)
     if hi == 0.0 or math.isinf(hi):
         return hi
-    return minimise_in_log_t(lambda t: float(bayes_risk(spectrum, log1pk, t)), lo, hi)
+    return minimise_in_log_t(lambda t: bayes_risk(spectrum, log1pk, t), lo, hi)
 
 
 def risk_bracket(spectrum: KernelSpectrum, log1pk: np.ndarray) -> tuple[float, float]:
@@ -157,18 +159,22 @@ def risk_bracket(spectrum: KernelSpectrum, log1pk: np.ndarray) -> tuple[float, f
     return float(tau.min()), float(tau.max())
 
 
-def minimise_in_log_t(fn: Callable[[float], float], lo: float, hi: float) -> float:
+def minimise_in_log_t(
+    fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float
+) -> float:
     """argmin of fn over flow time t in [lo, hi] (0 < lo <= hi): a 200-point grid in log t,
-    then a bounded refinement around the best cell (no unimodality assumed)."""
+    then a bounded refinement around the best cell (no unimodality assumed). ``fn`` is
+    vectorised over t."""
     if hi <= lo * (1.0 + 1e-12):
         return 0.5 * (lo + hi)
     s = np.linspace(math.log(lo), math.log(hi), 200)
-    values = np.array([fn(math.exp(v)) for v in s])
+    values = np.asarray(fn(np.exp(s)), dtype=np.float64)
     k = int(np.argmin(values))
     a, b = s[max(k - 1, 0)], s[min(k + 1, s.size - 1)]
     res = optimize.minimize_scalar(
-        lambda v: fn(math.exp(v)), bounds=(a, b), method="bounded", options={"xatol": 1e-12}
-    )
+        lambda v: float(fn(np.array([math.exp(v)]))[0]), bounds=(a, b), method="bounded",
+        options={"xatol": 1e-12},
+    )  # fmt: skip
     return math.exp(float(res.x)) if res.fun <= values[k] else math.exp(float(s[k]))
 
 
@@ -253,6 +259,14 @@ def _scale_logliks(spectrum: KernelSpectrum, prior: str, b: float, xs: np.ndarra
     return _loglik_rows(spectrum, log1pk)[0]
 
 
+def _scale_grid(spectrum: KernelSpectrum, prior: str, b: float) -> tuple[np.ndarray, np.ndarray]:
+    """(x grid, l on it): x = log(scale), in units of 1/lambda_max for exp's t."""
+    xs = np.linspace(*_LOG_SCALE_RANGE, _GRID)
+    if prior == "exp":
+        xs = xs - math.log(spectrum.eigenvalues[-1])
+    return xs, _scale_logliks(spectrum, prior, b, xs)
+
+
 def _fit_scale(spectrum: KernelSpectrum, prior: str, b: float) -> tuple[float, float]:
     """(x-hat, l-hat) over x = log(scale) in [-inf, inf]: a grid, then bounded refinement.
 
@@ -260,16 +274,13 @@ def _fit_scale(spectrum: KernelSpectrum, prior: str, b: float) -> tuple[float, f
     the limits; each is returned when the grid's best point sits at that end and beats its
     neighbour. The grid is in units of lambda_max, so kernels on any scale are covered.
     """
-    xs = np.linspace(*_LOG_SCALE_RANGE, _GRID)
-    if prior == "exp":
-        xs = xs - math.log(spectrum.eigenvalues[-1])
-    values = _scale_logliks(spectrum, prior, b, xs)
+    xs, values = _scale_grid(spectrum, prior, b)
     k = int(np.argmax(values))
     if k == 0:
         zero = prior_loglik(spectrum, np.zeros_like(spectrum.eigenvalues))[0]
         if zero >= values[0]:
             return -math.inf, zero
-    if k == xs.size - 1:
+    if k == xs.size - 1 or values[k] - values[-1] < _PLATEAU_NATS:
         return math.inf, float(values[-1])
 
     def neg(x: float) -> float:
@@ -334,19 +345,23 @@ def fit_prior(spectrum: KernelSpectrum, prior: str, *, level: float = 0.95) -> P
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
     bs = list(np.geomspace(*_B_RANGE, _B_GRID)) if prior == "power" else [1.0]
-    fits = [(_fit_scale(spectrum, prior, b), b) for b in bs]
-    (x_hat, l_hat), b_hat = max(fits, key=lambda f: f[0][1])
-    if prior == "power":
-        i = bs.index(b_hat)
-        res = optimize.minimize_scalar(
-            lambda lb: -_fit_scale(spectrum, prior, math.exp(lb))[1],
-            bounds=(math.log(bs[max(i - 1, 0)]), math.log(bs[min(i + 1, len(bs) - 1)])),
-            method="bounded",
-            options={"xatol": 1e-6},
-        )
+    # The grid's best b (the scale profiled on its grid), then the exact fit there.
+    b_hat = max(bs, key=lambda b: float(np.max(_scale_grid(spectrum, prior, b)[1])))
+    x_hat, l_hat = _fit_scale(spectrum, prior, b_hat)
+    if prior == "power" and math.isfinite(x_hat):
+        lb_lo, lb_hi = (math.log(v) for v in _B_RANGE)
+
+        def neg(p: np.ndarray) -> float:
+            if not lb_lo <= p[0] <= lb_hi:
+                return math.inf
+            return -float(_scale_logliks(spectrum, prior, math.exp(p[0]), p[1:])[0])
+
+        res = optimize.minimize(
+            neg, np.array([math.log(b_hat), x_hat]), method="Nelder-Mead",
+            options={"xatol": 1e-7, "fatol": 1e-10},
+        )  # fmt: skip
         if -res.fun > l_hat:
-            b_hat = math.exp(float(res.x))
-            x_hat, l_hat = _fit_scale(spectrum, prior, b_hat)
+            b_hat, x_hat, l_hat = math.exp(float(res.x[0])), float(res.x[1]), float(-res.fun)
     params = _params(prior, x_hat, b_hat, spectrum)
 
     def stop_time(p: dict[str, float]) -> float:

@@ -14,9 +14,10 @@ from typing import ClassVar
 
 import numpy as np
 from scipy import optimize, stats
-from scipy.special import logsumexp
 
-from .flow import effective_df, log_z2, time_to_steps, weight_moments, weighted_mean_eigenvalue
+from .flow import (
+    effective_df, log_z2, logsumexp, time_to_steps, weight_moments, weighted_mean_eigenvalue,
+)
 from .priors import PRIORS, PriorFit, bayes_risk, fit_prior
 from .spectrum import KernelSpectrum
 
