@@ -215,6 +215,43 @@ def _panel_curve(
     ax.legend(fontsize=7, loc="upper right")
 
 
+_CRITERION_COLOURS = {"reml": "C3", "reml-linear": "C0", "reml-power": "C2", "gcv": "C4",
+                      "average": "C5"}  # fmt: skip
+
+
+def _panel_criteria(ax: Any, decision: Decision, to_steps: Any) -> None:
+    """Each prior family's Bayes risk sigma2 R(t) and GCV(t), relative to their minima (M9)."""
+    from .gcv import log_gcv
+
+    fits = decision.criteria.fits
+    finite = [f.t for f in fits.values() if math.isfinite(f.t) and f.t > 0]
+    if not finite:
+        ax.text(0.5, 0.5, "no criterion has a finite stop time", transform=ax.transAxes,
+                ha="center", va="center", fontsize=8, color="0.4")  # fmt: skip
+        return
+    t = np.geomspace(min(finite) / 10.0, max(finite) * 10.0, 300)
+    curves = {name: fits[name].risk_at(t) for name in ("reml", "reml-linear", "reml-power")
+              if not fits[name].unbounded}  # fmt: skip
+    curves["gcv"] = np.exp(log_gcv(decision.fit.spectrum, t))
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=float)
+        ax.plot(t, values / np.nanmin(values), color=_CRITERION_COLOURS[name], lw=1.3,
+                label=name)  # fmt: skip
+    for name, colour in _CRITERION_COLOURS.items():
+        fit = fits[name]
+        if math.isfinite(fit.t) and fit.t > 0:
+            steps = f" ({to_steps(fit.t):.0f} steps)" if to_steps is not None else ""
+            mark = "*" if name == decision.criterion else ""
+            ax.axvline(fit.t, color=colour, ls="--", lw=1,
+                       label=f"{mark}{name}: t = {fit.t:.3g}{steps}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("gradient-flow time t")
+    ax.set_ylabel("risk / its minimum")
+    ax.set_title(f"(d) criteria (M9); misfit Delta = {decision.misfit:.1f} nats")
+    ax.legend(fontsize=6, loc="upper center", ncol=2)
+
+
 def plot_decision(
     stopper_or_decision: Any,
     *,
@@ -224,14 +261,16 @@ def plot_decision(
     train_curve: tuple[Sequence[float], Sequence[float]] | None = None,
     stop_step: int | None = None,
 ) -> Figure:
-    """Three panels explaining a REML stopping decision (METHOD M4).
+    """Four panels explaining a stopping decision (METHOD M4, M9).
 
     (a) the profile log-likelihood l(t) with t-hat and its profile-likelihood interval;
     (b) eigenvalues lambda_j against spectral losses w_j = z_j^2 exp(-t lambda_j) at t = 0 and
     at t-hat (log-log; at t-hat their covariance over j is zero: the spectral decorrelation);
     (c) the training MSE against optimizer steps (from the stopper's history, which holds the
     MSE when the stopper tracks the residual, or from ``train_curve``), an optional
-    ``test_curve`` and the stop step.
+    ``test_curve`` and the stop step; (d) every criterion's curve (each prior family's Bayes
+    risk R(t) and GCV(t), relative to their minima) with each stop time marked, the one used
+    starred.
 
     Args:
         stopper_or_decision: a :class:`~remlstop.Decision`, a started
@@ -251,11 +290,13 @@ def plot_decision(
     decision, own_history, own_stop = _unpack(stopper_or_decision)
     checks = list(history) if history is not None else own_history
     stop = stop_step if stop_step is not None else own_stop
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 9))
+    axes = grid.ravel()
     to_steps = _steps_of(decision, checks)
     _panel_loglik(axes[0], decision, to_steps)
     _panel_spectrum(axes[1], decision)
     _panel_curve(axes[2], decision, checks, stop, test_curve, train_curve, to_steps)
+    _panel_criteria(axes[3], decision, to_steps)
     verdict = "TRAIN" if decision.train else "DO NOT TRAIN"
     fig.suptitle(
         f"remlstop: {verdict} (p = {decision.test.pvalue:.3g}); "

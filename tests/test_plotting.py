@@ -55,26 +55,33 @@ def _decision_from_spectrum(spectrum: KernelSpectrum) -> Decision:
     )  # fmt: skip
 
 
-def test_three_panels_and_file(tmp_path):
+def test_four_panels_and_file(tmp_path):
     stopper, _ = _small_stopper()
     assert stopper.stop_step is not None
     path = tmp_path / "sub" / "decision.png"
     steps = np.arange(1, 50)
     fig = plot_decision(stopper, path=path, test_curve=(steps, 1.0 / steps))
-    assert len(fig.axes) == 3
+    assert len(fig.axes) == 4
     assert path.exists() and path.stat().st_size > 10_000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The stop step is marked on panel (c); the training curve comes from the history.
     labels = [line.get_label() for line in fig.axes[2].get_lines()]
     assert f"stop: step {stopper.stop_step}" in labels
     assert any("training MSE" in lab for lab in labels)
+    # Panel (d) marks every criterion with a finite stop time, the one used starred.
+    marks = [line.get_label() for line in fig.axes[3].get_lines()]
+    fits = stopper.decision.criteria.fits
+    for name in ("reml", "reml-linear", "reml-power", "gcv", "average"):
+        if math.isfinite(fits[name].t) and fits[name].t > 0:
+            assert any(lab.lstrip("*").startswith(f"{name}: t =") for lab in marks)
+    assert any(lab.startswith(f"*{stopper.decision.criterion}:") for lab in marks)
     assert "test MSE" in labels
 
 
 def test_decision_alone_and_no_history():
     stopper, _ = _small_stopper(track_residual=False)
     fig = plot_decision(stopper.decision)
-    assert len(fig.axes) == 3
+    assert len(fig.axes) == 4
     labels = [line.get_label() for line in fig.axes[2].get_lines()]
     assert any(lab.startswith("target:") for lab in labels)
 
@@ -89,7 +96,7 @@ def test_boundary_case(tmp_path):
     assert decision.fit.boundary and decision.fit.t == 0.0
     path = tmp_path / "boundary.png"
     fig = plot_decision(decision, path=path)
-    assert len(fig.axes) == 3
+    assert len(fig.axes) == 4
     assert path.exists()
     xlim = fig.axes[0].get_xlim()
     assert xlim[0] == 0.0 and xlim[1] > 0.0 and math.isfinite(xlim[1])
