@@ -94,19 +94,28 @@ def parse_loss(loss: str | nn.Module | LossSpec) -> LossSpec:
     )
 
 
-def _sgd_time_factor(group: dict[str, Any]) -> float:
-    """Steady-state multiplier of 2aη for SGD with momentum/dampening (M2, first-order *choice*).
+def _sgd_momentum(group: dict[str, Any]) -> tuple[float, float, float]:
+    """(c, e, β) such that SGD's ``i``-th step (1-based) moves by 2aη·(c + e·β^i) per unit of a
+    constant gradient g (M2; the momentum's transient counted, first-order as M2 states).
 
-    The momentum buffer tends to (1 - dampening)·g/(1 - β) at a constant gradient g, and so does
-    the Nesterov update (PyTorch forbids Nesterov with dampening); this ignores the transient of
-    about 1/(1 - β) steps.
+    Heavy ball, as PyTorch runs it: buf_1 = g (the first step copies the gradient, undampened),
+    then buf_i = β·buf_{i−1} + (1 − d)·g, so buf_i = [c + (1 − c)·β^{i−1}]·g with
+    c = (1 − d)/(1 − β); for d = 0 the multiplier is (1 − β^i)/(1 − β). Nesterov (PyTorch
+    forbids it with dampening) steps along g + β·buf_i = [1 + β(1 − β^i)/(1 − β)]·g, i.e.
+    (1 − β^{i+1})/(1 − β). Both tend to the steady state c; counting the transient puts the
+    heavy ball β/(1 − β) steps (Nesterov β²/(1 − β)) behind the steady-state map. Plain SGD:
+    (1, 0, 0).
     """
     beta = float(group.get("momentum", 0.0))
     if beta == 0.0:
-        return 1.0
+        return 1.0, 0.0, 0.0
     if not 0.0 < beta < 1.0:
         raise ValueError(f"SGD momentum must lie in [0, 1) for a time map; got {beta}.")
-    return (1.0 - float(group.get("dampening", 0.0))) / (1.0 - beta)
+    if group.get("nesterov", False):
+        c = 1.0 / (1.0 - beta)
+        return c, -beta * c, beta
+    c = (1.0 - float(group.get("dampening", 0.0))) / (1.0 - beta)
+    return c, (1.0 - c) / beta, beta
 
 
 class GradientFlowClock:
@@ -118,8 +127,13 @@ class GradientFlowClock:
 
     Plain SGD (with momentum/Nesterov/dampening) has a fixed time map. Other optimizers (Adam,
     AdamW, RMSprop, Adagrad, ...) do not: the clock warns once and sets ``fixed_map = False``;
-    its ``t`` is then only the *nominal* time 2aη·factor per step, and callers should use
+    its ``t`` is then only the *nominal* time 2aη per step, and callers should use
     :func:`loss_matched_time` or the trajectory rule (M4) instead.
+
+    Momentum: the Δt of step i counts the buffer's build-up (see :func:`_sgd_momentum`), so the
+    clock must see the optimizer's steps from the first: ``steps`` is that step index. A clock
+    made for an optimizer whose momentum buffers already exist (training began earlier) counts
+    the steady state from its first step (``warm_start``).
     """
 
     def __init__(
@@ -137,6 +151,10 @@ class GradientFlowClock:
         self.t = 0.0
         self.steps = 0
         self.fixed_map = isinstance(optimizer, torch.optim.SGD)
+        self.warm_start = any(
+            state.get("momentum_buffer") is not None
+            for state in getattr(optimizer, "state", {}).values()
+        )
         self._warned_weight_decay = False
         if not self.fixed_map:
             warnings.warn(
@@ -160,17 +178,42 @@ class GradientFlowClock:
                 stacklevel=3,
             )
 
-    def _group_dt(self, group: dict[str, Any]) -> float:
+    def _group_map(self, group: dict[str, Any]) -> tuple[float, float, float, float]:
+        """(2aη, c, e, β): step i of this group advances 2aη·(c + e·β^i) (M2)."""
         if "lr" not in group:
             raise ValueError(f"{type(self.optimizer).__name__} param group has no 'lr'.")
         lr = float(group["lr"])  # lr may be a tensor in recent torch
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"learning rate must be finite and non-negative; got {lr}.")
-        if self.fixed_map:
-            if group.get("maximize", False):
-                raise ValueError("SGD(maximize=True) ascends the loss; there is no gradient-flow time.")
-            return 2.0 * self.loss.a * lr * _sgd_time_factor(group)
-        return 2.0 * self.loss.a * lr
+        base = 2.0 * self.loss.a * lr
+        if not self.fixed_map:
+            return base, 1.0, 0.0, 0.0
+        if group.get("maximize", False):
+            raise ValueError("SGD(maximize=True) ascends the loss; there is no gradient-flow time.")
+        c, e, beta = _sgd_momentum(group)
+        return (base, c, 0.0, beta) if self.warm_start else (base, c, e, beta)
+
+    def _step_map(
+        self, batch_size_rows: int | None, n_outputs: int
+    ) -> tuple[float, float, float, float]:
+        """(Δ, c, e, β) shared by every param group holding parameters: step i advances
+        Δ·(c + e·β^i), with Δ = 2aη (times B·K for sum reduction)."""
+        self._check_weight_decay()
+        groups = [g for g in self.optimizer.param_groups if len(g["params"]) > 0]
+        if not groups:
+            raise ValueError("the optimizer has no parameters to train.")
+        maps = [self._group_map(g) for g in groups]
+        step = self.steps + 1
+        dts = [base * (c + e * beta**step) for base, c, e, beta in maps]
+        if any(not math.isclose(d, dts[0], rel_tol=1e-12, abs_tol=0.0) for d in dts):
+            lrs = [float(g["lr"]) for g in groups]
+            raise ValueError(
+                f"param groups advance different gradient-flow times per step (lr={lrs}); the "
+                "theory (METHOD M2) needs one time for all parameters. Use the same learning rate "
+                "(and momentum) in every param group."
+            )
+        base, c, e, beta = maps[0]
+        return base * self._rows_factor(batch_size_rows, n_outputs), c, e, beta
 
     def _rows_factor(self, batch_size_rows: int | None, n_outputs: int) -> int:
         # Sum over a batch of B rows has expected gradient (B/n)·(full sum) = B·K·(mean gradient).
@@ -189,25 +232,45 @@ class GradientFlowClock:
         return int(rows) * int(n_outputs)
 
     def dt_per_step(self, batch_size_rows: int | None = None, n_outputs: int = 1) -> float:
-        """Δt for the step about to be counted, from the optimizer's current lr (M2).
+        """Δt of the step about to be counted (step ``steps + 1``), from the optimizer's current
+        lr (M2). Reading it does not count the step.
 
-        Mean reduction: ``2aη·factor`` (mini-batch or not). Sum reduction over ``B`` rows of ``K``
-        outputs: ``2aη·factor·B·K``. ``factor`` = (1 - dampening)/(1 - β) for SGD momentum β.
-        All param groups holding parameters must advance the same time.
+        Mean reduction: ``2aη·m`` (mini-batch or not). Sum reduction over ``B`` rows of ``K``
+        outputs: ``2aη·m·B·K``. ``m`` = 1 for plain SGD; with momentum β it is the buffer's
+        multiplier at that step (see :func:`_sgd_momentum`): (1 − β^i)/(1 − β) for step i of the
+        heavy ball, tending to (1 − dampening)/(1 − β). All param groups holding parameters
+        must advance the same time.
         """
-        self._check_weight_decay()
-        groups = [g for g in self.optimizer.param_groups if len(g["params"]) > 0]
-        if not groups:
-            raise ValueError("the optimizer has no parameters to train.")
-        dts = [self._group_dt(g) for g in groups]
-        if any(not math.isclose(d, dts[0], rel_tol=1e-12, abs_tol=0.0) for d in dts):
-            lrs = [float(g["lr"]) for g in groups]
-            raise ValueError(
-                f"param groups advance different gradient-flow times per step (lr={lrs}); the "
-                "theory (METHOD M2) needs one time for all parameters. Use the same learning rate "
-                "(and momentum) in every param group."
-            )
-        return dts[0] * self._rows_factor(batch_size_rows, n_outputs)
+        base, c, e, beta = self._step_map(batch_size_rows, n_outputs)
+        return base * (c + e * beta ** (self.steps + 1))
+
+    def steps_for_time(
+        self, t: float, batch_size_rows: int | None = None, n_outputs: int = 1
+    ) -> float:
+        """Steps from ``steps`` on, at the current lr and momentum, that advance time ``t`` (M2).
+
+        The momentum transient is counted: Σ_{i=s+1}^{s+k} Δ·(c + e·β^i) = t is solved for k on
+        its continuous extension (increasing in k), so the result may be fractional; a time
+        that is never reached (lr = 0, or t = inf) gives ``math.inf``.
+        """
+        t = float(t)
+        if not t >= 0.0:
+            raise ValueError(f"t must be a non-negative gradient-flow time; got {t}.")
+        base, c, e, beta = self._step_map(batch_size_rows, n_outputs)
+        if t == 0.0:
+            return 0.0
+        if base == 0.0 or math.isinf(t):
+            return math.inf
+        target = t / base
+        if e == 0.0:
+            return target / c
+        head = e * beta ** (self.steps + 1) / (1.0 - beta)
+
+        def excess(k: float) -> float:
+            return c * k + head * (1.0 - beta**k) - target
+
+        # excess(0) < 0 and excess(k) ≥ c·k − |head| − target.
+        return brentq(excess, 0.0, (target + abs(head)) / c + 1.0, xtol=1e-12, rtol=1e-14)
 
     def advance(self, batch_size_rows: int | None = None, n_outputs: int = 1) -> float:
         """Count one step: add :meth:`dt_per_step` to ``t``, increment ``steps``; returns ``t``."""
@@ -216,7 +279,13 @@ class GradientFlowClock:
         return self.t
 
     def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "steps": self.steps, "loss": self.loss.name, "fixed_map": self.fixed_map}
+        return {
+            "t": self.t,
+            "steps": self.steps,
+            "loss": self.loss.name,
+            "fixed_map": self.fixed_map,
+            "warm_start": self.warm_start,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("loss", self.loss.name) != self.loss.name:
@@ -227,6 +296,8 @@ class GradientFlowClock:
         if not (math.isfinite(t) and t >= 0.0 and steps >= 0):
             raise ValueError(f"invalid clock state: t={t}, steps={steps}.")
         self.t, self.steps = t, steps
+        # States saved before warm_start existed keep what this clock found in the optimizer.
+        self.warm_start = bool(state.get("warm_start", self.warm_start))
 
     def __repr__(self) -> str:
         return (

@@ -139,6 +139,7 @@ def collect_xy(
     global RNG. The kernel, the test and REML are then computed on that subset, while the clock
     (M2) still counts time on the full data. The full data is materialised before subsetting.
     """
+    _refuse_misplaced_data(data, default_adapter=batch_to_xy is None)
     adapter = default_batch_adapter if batch_to_xy is None else batch_to_xy
     one_batch = isinstance(data, Mapping) or (
         isinstance(data, (tuple, list))
@@ -171,6 +172,47 @@ def collect_xy(
             idx = _subset_rows(n, int(max_samples), generator).to(X.device)
             X, Y = X[idx], Y[idx]
     return X, Y
+
+
+def _is_array(obj: Any) -> bool:
+    """Array data that is not a torch tensor (numpy arrays, pandas frames, ...)."""
+    return not isinstance(obj, torch.Tensor) and hasattr(obj, "__array__")
+
+
+def _refuse_misplaced_data(data: Any, default_adapter: bool) -> None:
+    """TypeError with its own advice for the common wrong forms of ``data``.
+
+    Each would otherwise be iterated as batches and fail with "cannot read (x, y) from a
+    batch ... pass batch_to_xy=", which is not the fix for any of them.
+    """
+    parts = list(data) if isinstance(data, (tuple, list)) and len(data) <= 3 else []
+    if len(parts) == 2:
+        loader, targets = parts
+        batch_like = (torch.Tensor, tuple, list, Mapping)
+        if (
+            (isinstance(targets, torch.Tensor) or _is_array(targets))
+            and isinstance(loader, Iterable)
+            and not (isinstance(loader, batch_like) or _is_array(loader))
+        ):
+            raise TypeError(
+                f"data is a {type(loader).__name__} given together with targets; a DataLoader "
+                "already yields (x, y) batches, so pass it alone (REMLStopper(model, loader, "
+                "optimizer=...)), or pass the tensors X and Y instead of the loader."
+            )
+    if default_adapter and (_is_array(data) or any(_is_array(p) for p in parts)):
+        kinds = " and ".join(type(p).__name__ for p in parts) if parts else type(data).__name__
+        raise TypeError(
+            f"X and Y must be torch tensors; got {kinds}. Convert them first: "
+            "X = torch.as_tensor(X, dtype=torch.float32), and Y likewise (float64 for a "
+            "float64 model)."
+        )
+    if default_adapter and len(parts) == 3 and all(isinstance(p, torch.Tensor) for p in parts):
+        raise TypeError(
+            f"data is a {type(data).__name__} of 3 tensors; remlstop takes an (X, Y) pair. The "
+            "theory (METHOD M1) is unweighted squared error, so per-row weights or other extra "
+            "tensors have no place: pass (X, Y). For a DataLoader whose batches carry more, "
+            "pass batch_to_xy=lambda b: (b[0], b[1])."
+        )
 
 
 def _check_finite(T: torch.Tensor, name: str) -> None:

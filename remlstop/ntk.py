@@ -10,7 +10,8 @@ Two ways to build the dense kernel:
 
 * ``"layerwise"``: networks made only of ``nn.Linear`` layers and parameter-free row-wise
   modules (elementwise activations, ``Flatten``, ``Dropout``), possibly in nested
-  ``nn.Sequential``. For a Linear layer with input activations A (n × d_in) and output gradients
+  ``nn.Sequential``, each parameter used once (a layer applied twice or a tied weight would need
+  the cross terms between its uses, so such networks take the generic path). For a Linear layer with input activations A (n × d_in) and output gradients
   G_k (n × d_out) of output k, the per-row gradient of its weight is the outer product
   G_k[i] A[i]ᵀ, so its kernel block is (A Aᵀ + 1[bias]) ⊙ (G_k G_lᵀ): per-sample gradients are
   never formed and the cost is that of Gram matrices of the activations.
@@ -24,8 +25,10 @@ Two ways to build the dense kernel:
   same Jacobian), the accuracy of a float32 Jacobian itself; float64 products would cost 2–3× the
   time and 2× the memory for no gain. Only the upper block triangle of H is multiplied.
 
-Every function leaves the model exactly as it found it (parameters, buffers, ``requires_grad``,
-``.grad``, train/eval modes, RNG state), and evaluates it in eval mode.
+Every function leaves the model exactly as it found it (the same parameter and buffer objects
+and their values, ``requires_grad``, ``.grad``, train/eval modes, RNG state), and evaluates it in
+eval mode. ``empirical_ntk`` estimates its peak memory before allocating the kernel and raises a
+``MemoryError`` that says what to do when it cannot fit.
 """
 
 from __future__ import annotations
@@ -101,8 +104,15 @@ def _preserved_model(model: nn.Module) -> Iterator[None]:
 
     Parameters and buffers are cloned (O(P) memory) so that even a forward that writes to them
     in place cannot change the model; they are copied back only if their version counter moved.
+    The objects registered on every module are restored too, so the model (and the optimizer
+    holding its parameters) keeps the very same ``nn.Parameter`` and buffer objects.
     """
     modes = [(module, module.training) for module in model.modules()]
+    tables = [
+        (table, dict(table))
+        for module in model.modules()
+        for table in (module._parameters, module._buffers)
+    ]
     params = list(model.parameters())
     flags = [(p, p.requires_grad, p.grad) for p in params]
     tensors = [(t, t._version, t.detach().clone()) for t in [*params, *model.buffers()]]
@@ -119,6 +129,12 @@ def _preserved_model(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+        # functional_call swaps tensors into these tables and back; for a module reached twice
+        # (one layer applied twice) it puts back the swapped-in plain tensor, not the Parameter.
+        for table, saved in tables:
+            if table.keys() != saved.keys() or any(table[k] is not v for k, v in saved.items()):
+                table.clear()
+                table.update(saved)
         with torch.no_grad():
             for tensor, version, saved in tensors:
                 if tensor._version != version:
@@ -304,11 +320,13 @@ def _layerwise_unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
     seen: set[int] = set()
     for layer in layers:
         if isinstance(layer, nn.Linear):
-            # A layer used twice has per-row gradient G1 A1ᵀ + G2 A2ᵀ, whose cross terms the
-            # sum over layers would miss.
-            if id(layer) in seen:
-                return f"{layer!r} is used more than once (shared weights)"
-            seen.add(id(layer))
+            # A Parameter reached twice (a layer applied twice, or one weight tied between two
+            # layers) has per-row gradient G1 A1ᵀ + G2 A2ᵀ, whose cross terms the sum over
+            # layers would miss: identity of parameters, not of modules, decides.
+            for p in layer.parameters():
+                if id(p) in seen:
+                    return f"a parameter of {layer!r} is used more than once (shared weights)"
+                seen.add(id(p))
         elif isinstance(layer, nn.PReLU):
             return f"{layer!r} has parameters outside nn.Linear"
         elif not isinstance(layer, _ROWWISE_MODULES) or list(layer.parameters()):
@@ -580,30 +598,39 @@ def _work_dtype(model_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
     return dtype if work.itemsize > dtype.itemsize else work
 
 
+def _generic_layout(
+    params: dict[str, torch.Tensor], K: int, chunk: int | None, budget: int, itemsize: int
+) -> list[tuple[list[str], int]]:
+    """The generic path's parameter groups, each with its rows per Jacobian chunk."""
+    if chunk is not None:
+        return [(list(params), chunk)]
+    groups = _parameter_groups(params, max(1, budget // (K * itemsize)))
+    return [
+        (names, _generic_rows(K, sum(params[k].numel() for k in names), budget, itemsize))
+        for names in groups
+    ]
+
+
 def _generic_kernel(
     model: nn.Module,
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
     x2: torch.Tensor | None,
     K: int,
-    chunk: int | None,
-    budget: int,
+    layout: list[tuple[list[str], int]],
     out: torch.Tensor,
     work: torch.dtype,
 ) -> int:
     """Add every parameter group's J_rows J_colsᵀ into ``out``; returns the rows per chunk.
 
-    Jacobian chunks are held in ``work`` (see :func:`_work_dtype`) and multiplied by
-    :func:`_gram`.
+    ``layout`` is :func:`_generic_layout`'s. Jacobian chunks are held in ``work`` (see
+    :func:`_work_dtype`) and multiplied by :func:`_gram`.
     """
-    itemsize = torch.empty((), dtype=work).element_size()
-    groups = _parameter_groups(params, max(1, budget // (K * itemsize))) if chunk is None else [list(params)]
     rows_used = 1
-    for names in groups:
+    for names, rows_used in layout:
         jac_fn = _per_sample_jacobian(model, names)
         free = {name: params[name].detach() for name in names}
         width = sum(p.numel() for p in free.values())
-        rows_used = chunk or _generic_rows(K, width, budget, itemsize)
         longest = max(x.shape[0], 0 if x2 is None else x2.shape[0])
         rows = min(rows_used, longest)
         # Reused buffers (the second only when there are several chunks): allocating a chunk
@@ -702,6 +729,159 @@ def _generic_blocks(
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory: estimate the peak before allocating the kernel.
+# ---------------------------------------------------------------------------------------------
+
+_GB = 1e9
+
+# (limit, usage, statistics) files of cgroup v2 and v1: inside a container MemAvailable is the
+# host's, and exceeding the container's limit gets the process killed without a message.
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+     "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)  # fmt: skip
+
+
+def _meminfo_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file says kB, meaning KiB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under this process's cgroup memory limit, or None when there is no limit.
+
+    Inactive page cache is counted as free: the kernel reclaims it before it kills anything.
+    """
+    for limit_file, usage_file, stat_file, inactive_key in _CGROUP_FILES:
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit() or int(limit) >= 2**60:  # "max" or the v1 "unlimited" value
+            return None
+        inactive = 0
+        with contextlib.suppress(OSError, ValueError):
+            with open(stat_file) as f:
+                stats = dict(line.split() for line in f if len(line.split()) == 2)
+            inactive = int(stats.get(inactive_key, 0))
+        return max(0, int(limit) - usage + inactive)
+    return None
+
+
+def _memory_device(device: torch.device) -> torch.device:
+    """``device`` with its index, so that "cuda" and "cuda:0" count against one memory."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Bytes that can be allocated on ``device`` now, or None when unknown (no check then).
+
+    CPU: MemAvailable (psutil's figure when psutil is installed, else /proc/meminfo), capped by
+    the headroom under a cgroup limit. CUDA: the driver's free memory plus the blocks PyTorch's
+    allocator has cached but not handed out.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil  # optional: not a dependency
+    except ImportError:
+        available = _meminfo_available()
+    else:
+        available = int(psutil.virtual_memory().available)
+    headroom = _cgroup_headroom()
+    if available is None or headroom is None:
+        return headroom if available is None else available
+    return min(available, headroom)
+
+
+def _layerwise_work_bytes(
+    layers: list[nn.Module], n: int, n2: int | None, K: int, rows: int, itemsize: int
+) -> int:
+    """Working memory of the layerwise path: A and G of every trainable Linear for the n
+    training (and n2 test) rows, twice (the per-chunk pieces and their concatenation), and one
+    Gram tile of ``rows`` rows (see :func:`_layerwise_rows`)."""
+    per_row = 0
+    for m in layers:
+        if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters()):
+            per_row += m.in_features * m.weight.requires_grad + K * m.out_features
+    tile_rows = min(rows, n2 or n)
+    features = 2 * (n + (n2 or 0)) * per_row
+    return itemsize * (features + 2 * tile_rows * K * n * K + tile_rows * n)
+
+
+def _generic_work_bytes(
+    layout: list[tuple[list[str], int]],
+    params: dict[str, torch.Tensor],
+    n: int,
+    n2: int | None,
+    K: int,
+    work_itemsize: int,
+    itemsize: int,
+) -> int:
+    """Working memory of the generic path (see :func:`_generic_blocks`): the rows of the two
+    Jacobian chunk buffers that get written, a vmap(jacrev) sub-chunk and the product tiles."""
+    longest = max(n, n2 or 0)
+    peak = 0
+    for names, rows_used in layout:
+        rows = min(rows_used, longest)
+        width = sum(params[k].numel() for k in names)
+        # The second buffer holds column chunks: of a symmetric kernel in two chunks, only the
+        # last (n - rows rows); untouched pages of an empty() buffer take no memory.
+        second = rows if n2 is not None else min(rows, n - rows)
+        m = rows * K
+        if second == 0:  # _symmetric_gram: the tile, and one of its 4 row pieces being formed
+            tiles = m * m * itemsize + -(-m // 4) * m * (itemsize + work_itemsize)
+        else:  # _gram forms the next tile while the previous one is still held
+            tiles = m * m * (2 * itemsize + work_itemsize)
+        jacobians = (rows + second) * K * width * work_itemsize
+        peak = max(peak, jacobians + _JACREV_BYTES + tiles)
+    return peak
+
+
+def _check_memory(
+    needs: dict[torch.device, int],
+    kernel_bytes: int,
+    limit: int | None,
+    shape: tuple[int, int],
+    n: int,
+    K: int,
+    dtype: torch.dtype,
+) -> None:
+    """MemoryError when the estimated peak on a device exceeds ``limit`` (default: what is
+    available there now), before anything is allocated; torch's own message would not say
+    why the kernel is this large or what to do about it."""
+    for device, need in needs.items():
+        available = _available_bytes(device) if limit is None else limit
+        if available is None or need <= available:
+            continue
+        raise MemoryError(
+            f"the dense NTK (METHOD M1) needs about {need / _GB:.3g} GB on {device} "
+            f"({kernel_bytes / _GB:.3g} GB for the {shape[0]} × {shape[1]} {dtype} kernel, "
+            f"N = n·K = {n}·{K}, plus working memory) but {available / _GB:.3g} GB is "
+            "available. The kernel grows as N²: pass max_samples= to REMLStopper / "
+            "REMLEarlyStopping to compute it on a random subset of rows, or reduce the number "
+            "of outputs K per row (e.g. fewer targets)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------------------------
 
@@ -713,6 +893,7 @@ def empirical_ntk(
     *,
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
+    memory_limit_bytes: int | None = None,
     path: str = "auto",
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -740,6 +921,13 @@ def empirical_ntk(
             groups when even one row exceeds the budget. Layerwise path: the peak is about the kernel +
             budget + the per-layer activations and output gradients, n·(Σ d_in + K·Σ d_out)
             values in ``dtype``.
+        memory_limit_bytes: bytes the kernel and this working memory may take on each device
+            involved (the kernel's and the model's). Default None: the memory available there
+            now (MemAvailable, capped by a cgroup limit, on the CPU; free plus cached memory on
+            CUDA; no check where it is unknown). The peak is estimated as above before
+            anything is allocated, and a ``MemoryError`` that states the need, the available
+            memory and the ways out (``max_samples=``, fewer outputs) is raised when it does
+            not fit.
         path: "auto" (layerwise when the model supports it, else generic), "layerwise"
             (ValueError naming the unsupported module otherwise) or "generic".
         dtype: dtype of the kernel. Default float64, as the statistics downstream expect.
@@ -762,8 +950,10 @@ def empirical_ntk(
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}.")
     _check_chunk_size(chunk_size)
     _check_dtype(dtype)
-    if memory_budget_bytes is not None and memory_budget_bytes < 1:
-        raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}.")
+    for name, value in (("memory_budget_bytes", memory_budget_bytes),
+                        ("memory_limit_bytes", memory_limit_bytes)):  # fmt: skip
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be positive, got {value!r}.")
     budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
     params = _trainable(model)
     model_device, model_dtype = _model_device_dtype(params)
@@ -782,7 +972,6 @@ def empirical_ntk(
         K = _probe_outputs(model, x)
         N = n * K
         rows_out = N if x2 is None else x2.shape[0] * K
-        kernel = torch.zeros(rows_out, N, dtype=dtype, device=out_device)
         reason = None if path == "generic" else _layerwise_unsupported(model, x)
         network = model
         if reason is not None and path != "generic":
@@ -792,13 +981,26 @@ def empirical_ntk(
         if path == "layerwise" and reason is not None:
             raise ValueError(f"path='layerwise' does not support this model: {reason}. Use path='generic'.")
         chosen = "generic" if reason is not None or path == "generic" else "layerwise"
+        itemsize = dtype.itemsize
+        n2 = None if x2 is None else x2.shape[0]
         if chosen == "layerwise":
-            itemsize = torch.empty((), dtype=dtype).element_size()
             rows = chunk_size or _layerwise_rows(n, K, budget, itemsize)
-            _layerwise_kernel(network, x, x2, K, rows, kernel)
+            layers = _flatten_sequential(network)
+            work_bytes = _layerwise_work_bytes(layers, n, n2, K, rows, itemsize)
         else:
             work = _work_dtype(model_dtype, dtype)
-            rows = _generic_kernel(model, params, x, x2, K, chunk_size, budget, kernel, work)
+            layout = _generic_layout(params, K, chunk_size, budget, work.itemsize)
+            work_bytes = _generic_work_bytes(layout, params, n, n2, K, work.itemsize, itemsize)
+        kernel_bytes = rows_out * N * itemsize
+        needs: dict[torch.device, int] = {}
+        for where, size in ((out_device, kernel_bytes), (model_device, work_bytes)):
+            needs[_memory_device(where)] = needs.get(_memory_device(where), 0) + size
+        _check_memory(needs, kernel_bytes, memory_limit_bytes, (rows_out, N), n, K, dtype)
+        kernel = torch.zeros(rows_out, N, dtype=dtype, device=out_device)
+        if chosen == "layerwise":
+            _layerwise_kernel(network, x, x2, K, rows, kernel)
+        else:
+            rows = _generic_kernel(model, params, x, x2, K, layout, kernel, work)
     kernel /= N
     info = NTKInfo(chosen, time.perf_counter() - start, n, K, N, P, rows)
     logger.info(

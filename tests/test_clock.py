@@ -151,17 +151,23 @@ def test_lambdalr_warmup_read_live():
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_momentum_factor(nesterov):
     clock = GradientFlowClock(_sgd(0.1, momentum=0.9, nesterov=nesterov), "half_mse")
+    # Step 1: the buffer holds g alone; Nesterov steps along g + β·g.
+    assert clock.dt_per_step() == pytest.approx(0.1 * (1.9 if nesterov else 1.0), rel=1e-14)
+    clock.steps = 1000  # the buffer has built up: the steady state 1/(1 - β)
     assert clock.dt_per_step() == pytest.approx(0.1 / (1 - 0.9), rel=1e-14)
     assert clock.fixed_map
 
 
 def test_dampening_factor():
     clock = GradientFlowClock(_sgd(0.1, momentum=0.9, dampening=0.5), "half_mse")
+    assert clock.dt_per_step() == pytest.approx(0.1, rel=1e-14)  # PyTorch: step 1 undampened
+    clock.steps = 1000
     assert clock.dt_per_step() == pytest.approx(0.1 * 0.5 / 0.1, rel=1e-14)
 
 
 def test_momentum_steady_state_matches_factor():
-    # Constant gradient: the heavy-ball update tends to η·g/(1 - β), which is what the factor models.
+    # Constant gradient: the heavy-ball update tends to η·g/(1 - β). A clock made once the
+    # momentum buffers exist counts that steady state from its first step.
     beta, lr = 0.8, 0.01
     w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
     opt = torch.optim.SGD([w], lr=lr, momentum=beta)
@@ -171,7 +177,9 @@ def test_momentum_steady_state_matches_factor():
         opt.step()
         move, prev = float(prev - w.detach()), w.detach().clone()
     clock = GradientFlowClock(opt, "half_mse")
+    assert clock.warm_start
     assert move == pytest.approx(clock.dt_per_step() * 1.0, rel=1e-12)  # g = 1, 2aη = η
+    assert move == pytest.approx(lr / (1 - beta), rel=1e-12)
 
 
 # --- optimizers without a fixed map, weight decay, param groups ---------------------------------

@@ -1,0 +1,199 @@
+"""Reliability of the empirical NTK (METHOD M1): shared modules and parameters, memory checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from remlstop.ntk import empirical_ntk, ntk_trace, ntk_vector_product
+from remlstop.stopper import REMLStopper
+
+
+def jacrev_kernel(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """H = J Jᵀ / N from torch.func.jacrev over the (deduplicated) parameter dict.
+
+    On a copy: functional_call itself leaves a module applied twice holding plain tensors.
+    """
+    model = copy.deepcopy(model)
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+
+    def f(theta: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(model, theta, (x,)).reshape(-1)
+
+    with torch.no_grad():
+        jac = torch.func.jacrev(f)(params)
+    J = torch.cat([j.reshape(j.shape[0], -1) for j in jac.values()], dim=1).double()
+    return J @ J.T / J.shape[0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def reused_module_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), lin, nn.Tanh(), lin, nn.Linear(8, 1))
+
+
+def shared_parameter_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    b, b2 = nn.Linear(8, 8), nn.Linear(8, 8)
+    b2.weight = b.weight  # one Parameter in two modules (biases differ)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), b, nn.Tanh(), b2, nn.Linear(8, 1))
+
+
+def attributes(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
+    """Every (module, name, object) registered as a parameter or buffer."""
+    return [
+        (m, name, obj)
+        for m in model.modules()
+        for table in (m._parameters, m._buffers)
+        for name, obj in table.items()
+    ]
+
+
+def assert_same_objects(model: nn.Module, before: list[tuple[nn.Module, str, object]]) -> None:
+    for module, name, obj in before:
+        now = getattr(module, name)
+        assert now is obj, f"{type(module).__name__}.{name} was replaced by a {type(now).__name__}"
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+X = torch.randn(120, 5, generator=torch.Generator().manual_seed(1))
+Y = torch.sin(2 * X[:, :1])
+
+CALLS = {
+    "auto": lambda m, x: empirical_ntk(m, x),
+    "generic": lambda m, x: empirical_ntk(m, x, path="generic", chunk_size=7),
+    "cross": lambda m, x: empirical_ntk(m, x, x[:9], path="generic"),
+    "trace": lambda m, x: ntk_trace(m, x),
+    "vector_product": lambda m, x: ntk_vector_product(m, x, torch.ones(x.shape[0])),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("factory", [reused_module_net, shared_parameter_net])
+def test_shared_weights_keep_their_parameter_objects(factory, call) -> None:
+    model = factory()
+    before = attributes(model)
+    CALLS[call](model, X)
+    assert_same_objects(model, before)
+
+
+def test_layerwise_path_keeps_parameter_objects() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1))
+    before = attributes(model)
+    _, info = empirical_ntk(model, X, return_info=True)
+    assert info.path == "layerwise"
+    assert_same_objects(model, before)
+
+
+def test_reused_module_with_buffers_keeps_its_buffer_objects() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(8).eval()
+    model = nn.Sequential(nn.Linear(5, 8), bn, nn.Tanh(), nn.Linear(8, 8), bn, nn.Linear(8, 1))
+    before = attributes(model)
+    empirical_ntk(model, X)
+    assert_same_objects(model, before)
+
+
+def test_stopper_start_leaves_the_optimizer_holding_the_model_parameters() -> None:
+    model = reused_module_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    REMLStopper(model, X, Y, optimizer=opt).start()
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters()}
+    assert type(model[2].weight) is nn.Parameter and model[2].weight is model[4].weight
+    # ... so training still moves the model.
+    before = model[2].weight.detach().clone()
+    opt.zero_grad()
+    ((model(X) - Y) ** 2).mean().backward()
+    opt.step()
+    assert not torch.equal(model[2].weight.detach(), before)
+
+
+@pytest.mark.parametrize("factory", [reused_module_net, shared_parameter_net])
+def test_shared_weights_kernel_matches_explicit_jacobian(factory) -> None:
+    model = factory()
+    reference = jacrev_kernel(model, X)
+    for path in ("auto", "generic"):
+        H = empirical_ntk(model, X, path=path)
+        assert rel_err(H, reference) < 1e-6, path
+    trace = ntk_trace(model, X)
+    assert trace == pytest.approx(float(torch.diagonal(reference).sum()), rel=1e-6)
+
+
+def test_shared_parameter_is_refused_by_the_layerwise_path() -> None:
+    model = shared_parameter_net()
+    _, info = empirical_ntk(model, X, return_info=True)
+    assert info.path == "generic"
+    with pytest.raises(ValueError, match="more than once"):
+        empirical_ntk(model, X, path="layerwise")
+
+
+def test_wrapper_of_a_shared_parameter_net_is_not_delegated_to_the_layerwise_path() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = shared_parameter_net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model = Wrapper()
+    H, info = empirical_ntk(model, X, return_info=True)
+    assert info.path == "generic"
+    assert rel_err(H, jacrev_kernel(model, X)) < 1e-6
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def test_kernel_that_cannot_fit_raises_a_memory_error_naming_the_ways_out() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1))
+    for path in ("auto", "generic"):
+        with pytest.raises(MemoryError, match=r"GB.*available.*max_samples=.*outputs") as err:
+            empirical_ntk(model, X, path=path, memory_limit_bytes=10_000)
+        assert "0.000115 GB" in str(err.value)  # the 120 × 120 float64 kernel alone
+
+
+def test_memory_error_for_a_kernel_larger_than_this_machine() -> None:
+    # N = 60,000 (n = 20,000 rows, K = 3): 28.8 GB of float64 kernel, refused before allocating.
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.zeros(20_000, 5)
+    with pytest.raises(MemoryError, match=r"28\.8 GB"):
+        empirical_ntk(model, x, memory_limit_bytes=16 * 2**30)
+
+
+def test_memory_limit_does_not_change_a_kernel_that_fits() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1))
+    H = empirical_ntk(model, X)
+    assert torch.equal(empirical_ntk(model, X, memory_limit_bytes=2**30), H)
+    with pytest.raises(ValueError, match="memory_limit_bytes"):
+        empirical_ntk(model, X, memory_limit_bytes=0)
+
+
+def test_available_memory_reads_meminfo_and_a_cgroup_limit(tmp_path, monkeypatch) -> None:
+    from remlstop import ntk
+
+    limit, usage, stat = (tmp_path / name for name in ("max", "current", "stat"))
+    limit.write_text("1000\n")
+    usage.write_text("600\n")
+    stat.write_text("anon 400\ninactive_file 100\n")
+    files = ((str(limit), str(usage), str(stat), "inactive_file"),)
+    monkeypatch.setattr(ntk, "_CGROUP_FILES", files)
+    assert ntk._cgroup_headroom() == 500  # inactive page cache is reclaimable
+    assert ntk._available_bytes(torch.device("cpu")) == 500
+    limit.write_text("max\n")
+    assert ntk._cgroup_headroom() is None
+    meminfo = ntk._meminfo_available()
+    if meminfo is not None:  # Linux
+        assert meminfo > 0
+        assert ntk._available_bytes(torch.device("cpu")) is not None
