@@ -52,7 +52,7 @@ for p in (ROOT, ROOT / "examples"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import pytorch_lightning as pl  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
 
 from lightning_mlp import Regressor  # noqa: E402
 from remlstop import REMLStopper  # noqa: E402
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         "```",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), torch "
-        f"{torch.__version__}, pytorch_lightning {pl.__version__}, Python "
+        f"{torch.__version__}, lightning.pytorch {pl.__version__}, Python "
         f"{platform.python_version()}. The machine is shared with other jobs: absolute times are "
         "noisy; the three variants are interleaved (order rotated per repeat) so they see the "
         "same load.",

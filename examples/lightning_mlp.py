@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 from remlstop.datasets import paper_mlp, paper_simple_function
 from remlstop.lightning import REMLEarlyStopping
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
     x, y, x_test, y_test = paper_simple_function(seed=args.seed)  # 480 train / 120 test rows
     torch.manual_seed(args.seed)  # the DataLoader's shuffling draws from the global RNG

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from remlstop.datasets import paper_simple_function
-from remlstop.lightning import REMLEarlyStopping
+from remlstop.pytorch_lightning import REMLEarlyStopping
 
 LR = 0.05
 

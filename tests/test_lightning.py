@@ -1,4 +1,7 @@
-"""End-to-end tests of the Lightning adapter ``remlstop.lightning`` (METHOD M2, M4, M5).
+"""End-to-end tests of the Lightning callbacks (METHOD M2, M4, M5).
+
+Most run ``remlstop.pytorch_lightning`` with a ``pytorch_lightning.Trainer``; the import-path
+tests run ``remlstop.lightning`` with ``lightning.pytorch``.
 
 Small ReLU MLPs (10 -> 64 -> 64 -> 1) on the paper's simple-function data, SGD, half-MSE
 ``0.5 * mean((f - y)**2)``: the REML target is a few dozen to a few hundred steps.
@@ -23,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("pytorch_lightning")
 
 from remlstop.datasets import paper_simple_function  # noqa: E402
-from remlstop.lightning import REMLEarlyStopping, callback_class  # noqa: E402
+from remlstop.pytorch_lightning import REMLEarlyStopping  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 200
@@ -238,13 +241,15 @@ def test_refresh_re_estimates_t_hat_and_still_stops_on_the_clock():
 # --------------------------------------------------------------------- import paths
 def test_lightning_pytorch_import_path_gives_the_same_stop():
     L = pytest.importorskip("lightning.pytorch")
-    from remlstop.lightning import REMLEarlyStoppingL
+    from remlstop.lightning import REMLEarlyStopping as LightningREMLEarlyStopping
 
-    assert issubclass(REMLEarlyStoppingL, L.callbacks.EarlyStopping)
-    assert issubclass(REMLEarlyStopping, pl.callbacks.EarlyStopping)
-    assert callback_class("lightning.pytorch") is REMLEarlyStoppingL
+    # Each is its own package's plain Callback, not an EarlyStopping with its monitoring off.
+    assert issubclass(LightningREMLEarlyStopping, L.Callback)
+    assert not issubclass(LightningREMLEarlyStopping, L.callbacks.EarlyStopping)
+    assert issubclass(REMLEarlyStopping, pl.Callback)
+    assert not issubclass(REMLEarlyStopping, pl.callbacks.EarlyStopping)
     x, y = _data()
-    cb = REMLEarlyStoppingL()
+    cb = LightningREMLEarlyStopping()
     trainer = _trainer([cb], pkg=L)
     trainer.fit(_module_class(L)(lr=0.05), _loader(x, y))
     assert trainer.global_step == round(cb.decision.fit.t / (2 * A * 0.05))
@@ -252,12 +257,12 @@ def test_lightning_pytorch_import_path_gives_the_same_stop():
 
 def test_mismatched_trainer_is_refused():
     L = pytest.importorskip("lightning.pytorch")
-    from remlstop.lightning import REMLEarlyStoppingL
+    from remlstop.lightning import REMLEarlyStopping as LightningREMLEarlyStopping
 
     x, y = _data()
-    with pytest.raises(TypeError, match=r"REMLEarlyStopping with pytorch_lightning\.Trainer"):
-        _trainer([REMLEarlyStoppingL()], max_steps=2).fit(Regressor(), _loader(x, y))
-    with pytest.raises(TypeError, match=r"REMLEarlyStoppingL with lightning\.pytorch\.Trainer"):
+    with pytest.raises(TypeError, match=r"from remlstop\.pytorch_lightning import"):
+        _trainer([LightningREMLEarlyStopping()], max_steps=2).fit(Regressor(), _loader(x, y))
+    with pytest.raises(TypeError, match=r"from remlstop\.lightning import"):
         _trainer([REMLEarlyStopping()], pkg=L, max_steps=2).fit(
             _module_class(L)(), _loader(x, y)
         )  # fmt: skip
@@ -491,19 +496,23 @@ def test_custom_batches_need_batch_to_xy():
 
 
 def test_import_errors_name_the_pip_command(monkeypatch):
+    import importlib
     import pickle
 
-    import remlstop.lightning as rl
-
     assert pickle.loads(pickle.dumps(REMLEarlyStopping(alpha=0.01))).__class__ is REMLEarlyStopping
-    monkeypatch.setattr(rl, "_CLASSES", {})
-    monkeypatch.setitem(sys.modules, "lightning.pytorch.callbacks.early_stopping", None)
-    with pytest.raises(ImportError, match="pip install lightning"):
-        rl.REMLEarlyStoppingL
-    assert rl.REMLEarlyStopping.__mro__[2] is pl.callbacks.EarlyStopping  # one package is enough
-    monkeypatch.setattr(rl, "_CLASSES", {})
-    monkeypatch.setitem(sys.modules, "pytorch_lightning.callbacks.early_stopping", None)
-    with pytest.raises(ImportError, match=r"pip install 'remlstop\[lightning\]'"):
-        rl.REMLEarlyStopping
-    with pytest.raises(ValueError, match="package must be"):
-        callback_class("keras")
+    for module, pip in (("lightning", "pip install lightning"),
+                        ("pytorch_lightning", "pip install pytorch-lightning")):  # fmt: skip
+        package = "lightning.pytorch" if module == "lightning" else "pytorch_lightning"
+        monkeypatch.setitem(sys.modules, package, None)
+        monkeypatch.delitem(sys.modules, f"remlstop.{module}", raising=False)
+        with pytest.raises(ImportError, match=pip):
+            importlib.import_module(f"remlstop.{module}")
+        monkeypatch.undo()
+
+
+def test_options_are_validated_at_construction():
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        REMLEarlyStopping(criterion="aic")
+    with pytest.raises(TypeError, match="StopperOptions"):
+        REMLEarlyStopping(patience=10)
+    assert "criterion='gcv'" in repr(REMLEarlyStopping(criterion="gcv"))
