@@ -290,7 +290,9 @@ class REMLStopper:
             fit=criteria.fits["reml"],
             criteria=criteria,
             criterion=o.criterion,
-            target_steps=t_target / dt if dt > 0 and math.isfinite(t_target) else math.inf,
+            target_steps=self.clock.steps_for_time(t_target, n_outputs=int(self._Y.shape[1]))
+            if self.clock.fixed_map
+            else t_target / dt,
             dt_per_step=dt,
             rule=o.rule,
             kernel_path=info.path,

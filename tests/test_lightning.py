@@ -357,12 +357,18 @@ def test_step_interval_lr_scheduler_changes_the_stop_as_the_clock_says():
     )  # fmt: skip
 
 
-def test_sgd_momentum_follows_the_steady_state_time_map():
+def test_sgd_momentum_counts_the_transient():
     lr, beta = 0.01, 0.8
     trainer, cb, _ = _fit(lr=lr, module_kwargs={"momentum": beta})
-    dt = 2 * A * lr / (1 - beta)
-    assert cb.decision.dt_per_step == pytest.approx(dt)
-    assert trainer.global_step == round(cb.decision.fit.t / dt)
+    assert cb.decision.dt_per_step == pytest.approx(2 * A * lr)  # step 1 moves like plain SGD
+    k, t = 0, 0.0
+    while True:  # heavy ball: step i advances 2 a lr (1 - beta^i)/(1 - beta) (M2)
+        k += 1
+        dt = 2 * A * lr * (1 - beta**k) / (1 - beta)
+        t += dt
+        if t + 0.5 * dt >= cb.decision.t_target:
+            break
+    assert trainer.global_step == k
 
 
 def test_adam_warns_and_still_stops():
