@@ -130,7 +130,7 @@ def _gather_full_data(
         raise ValueError(
             "REMLEarlyStopping could not collect the training data: " + "; ".join(errors)
         )
-    xs, ys, idxs = zip(*(p[1] for p in shards))
+    xs, ys, idxs = zip(*(p[1] for p in shards), strict=True)
     if any(i is None for i in idxs):
         return torch.cat(xs), torch.cat(ys)
     index = torch.cat([torch.as_tensor(i, dtype=torch.long) for i in idxs])

@@ -87,7 +87,8 @@ def gcv_fit(spectrum: KernelSpectrum, *, grid_size: int = 400) -> GCVFit:
         lambda s: log_gcv(spectrum, math.exp(s)), bounds=(a, b), method="bounded",
         options={"xatol": 1e-10},
     )  # fmt: skip
-    s_best, v_best = (float(res.x), float(res.fun)) if res.fun <= values[k] else (grid[k], values[k])
+    refined = res.fun <= values[k]
+    s_best, v_best = (float(res.x), float(res.fun)) if refined else (grid[k], values[k])
     t_best = math.exp(s_best)
     if log_gcv(spectrum, 0.0) <= v_best:
         t_best, v_best = 0.0, log_gcv(spectrum, 0.0)

@@ -25,8 +25,8 @@ try:
 except ImportError as err:  # pragma: no cover - depends on what is installed
     raise ImportError(
         f"remlstop.lightning needs the `lightning` package ({err}): pip install lightning "
-        "(or pip install 'remlstop[lightning]'). With `pytorch_lightning` installed instead, use "
-        "remlstop.pytorch_lightning."
+        "(or pip install 'remlstop[lightning]'). "
+        "With `pytorch_lightning` installed instead, use remlstop.pytorch_lightning."
     ) from err
 
 from ._callback import REMLEarlyStoppingBody

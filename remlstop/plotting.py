@@ -118,7 +118,7 @@ def _panel_loglik(ax: Any, decision: Decision, to_steps: Any) -> None:
         ax.axvspan(lo, shade_hi, color="C0", alpha=0.12, label=f"{fit.level:.0%} interval")
         steps = f" = {to_steps(fit.t):.0f} steps" if to_steps is not None else ""
         label = (
-            rf"$\hat t$ = 0 (boundary: nothing to learn)" if fit.boundary
+            r"$\hat t$ = 0 (boundary: nothing to learn)" if fit.boundary
             else rf"$\hat t$ = {fit.t:.3g}{steps}"
         )  # fmt: skip
         ax.axvline(fit.t, color="C3", lw=1.5, label=label, clip_on=False, zorder=5)
@@ -181,7 +181,7 @@ def _panel_curve(
     else:
         pts = [(c.step, c.train_mse) for c in history if c.train_mse is not None]
         if pts:
-            steps, values = (np.asarray(a, dtype=float) for a in zip(*pts))
+            steps, values = (np.asarray(a, dtype=float) for a in zip(*pts, strict=True))
             ax.plot(steps, values, color="C0", lw=1.3, label="training MSE (stopper history)")
             max_step = max(max_step, float(steps.max()) if steps.size else 0.0)
             drew = True

@@ -24,9 +24,10 @@ try:
     from pytorch_lightning.callbacks import early_stopping as _early_stopping
 except ImportError as err:  # pragma: no cover - depends on what is installed
     raise ImportError(
-        f"remlstop.pytorch_lightning needs the `pytorch-lightning` package ({err}): pip install pytorch-lightning "
-        "(or pip install 'remlstop[pytorch-lightning]'). With `lightning.pytorch` installed instead, use "
-        "remlstop.lightning."
+        f"remlstop.pytorch_lightning needs the `pytorch-lightning` package ({err}): "
+        "pip install pytorch-lightning "
+        "(or pip install 'remlstop[pytorch-lightning]'). "
+        "With `lightning.pytorch` installed instead, use remlstop.lightning."
     ) from err
 
 from ._callback import REMLEarlyStoppingBody

@@ -16,7 +16,12 @@ import numpy as np
 from scipy import optimize, stats
 
 from .flow import (
-    effective_df, log_z2, logsumexp, time_to_steps, weight_moments, weighted_mean_eigenvalue,
+    effective_df,
+    log_z2,
+    logsumexp,
+    time_to_steps,
+    weight_moments,
+    weighted_mean_eigenvalue,
 )
 from .priors import PRIORS, PriorFit, bayes_risk, fit_prior
 from .spectrum import KernelSpectrum
@@ -211,10 +216,8 @@ def reml_fit(
         if lo is None or hi is None:
             t_hat, converged = math.inf, False
         else:
-            if score(hi) == 0.0:
-                t_hat = math.exp(hi)
-            else:
-                t_hat = math.exp(_root_in_log_t(score, lo, hi))
+            root = hi if score(hi) == 0.0 else _root_in_log_t(score, lo, hi)
+            t_hat = math.exp(root)
             t_hat = _newton_polish(spectrum, t_hat, lam_bar)
 
     if not math.isfinite(t_hat):

@@ -203,7 +203,9 @@ class KernelSpectrum:
                 f"eigenvalues must be >= 0 (a kernel is PSD), smallest is {lam.min():.3g}."
             )
         if lam.max() == 0:
-            raise ValueError("all eigenvalues are zero: the kernel is zero, nothing can be learned.")
+            raise ValueError(
+                "all eigenvalues are zero: the kernel is zero, nothing can be learned."
+            )
         if not np.any(zz != 0):
             raise ValueError("the residual is exactly zero: the network already fits the targets.")
         order = np.argsort(lam, kind="stable")
