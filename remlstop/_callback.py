@@ -52,7 +52,10 @@ Requirements on the LightningModule: ``forward(x)`` returns the network outputs 
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +90,40 @@ def _distributed(trainer: Any) -> bool:
 def _batch_rows(batch: Any, batch_to_xy: Callable | None) -> int:
     x, _ = (batch_to_xy or default_batch_adapter)(batch)
     return int(x.shape[0])
+
+
+def _grad_norm(optimizer: Any) -> float:
+    """The total 2-norm of the optimizer's gradients, as ``clip_grad_norm_`` computes it."""
+    grads = [p.grad.detach() for g in optimizer.param_groups for p in g["params"]
+             if p.grad is not None]  # fmt: skip
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def _trained_batches(trainer: Any, loader: Any) -> Any:
+    """The batches training uses: all of them, or the first ``limit_train_batches`` when the
+    loader's order is fixed (a shuffled loader visits every row over the epochs)."""
+    try:
+        total = len(loader)
+    except TypeError:
+        return loader
+    used = trainer.num_training_batches
+    if not math.isfinite(used) or used >= total:
+        return loader
+    sampler = getattr(loader, "sampler", None)
+    fixed = isinstance(sampler, torch.utils.data.SequentialSampler) or (
+        isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.shuffle
+    )
+    if fixed:
+        return list(itertools.islice(loader, int(used)))
+    warnings.warn(
+        f"limit_train_batches leaves {int(used)} of {total} batches per epoch; the loader "
+        "shuffles, so training visits every row over the epochs, and the kernel uses them all.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return loader
 
 
 def _has_gradients(optimizer: Any) -> bool:
@@ -228,6 +265,7 @@ class REMLEarlyStoppingBody:
         self._step_dts: list[float] = []
         self._rows_since_step: list[int] = []
         self._logged_once = False
+        self._warned_clip = False
 
     # ------------------------------------------------------------------ public views
     @property
@@ -291,6 +329,7 @@ class REMLEarlyStoppingBody:
             raise ValueError(
                 "REMLEarlyStopping found no train dataloader; pass data=(X, Y) to the callback."
             )
+        loader = _trained_batches(trainer, loader)
         if not _distributed(trainer):
             return collect_xy(loader, batch_to_xy=self.batch_to_xy)
         local: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -400,7 +439,32 @@ class REMLEarlyStoppingBody:
             dt = stopper.clock.dt_per_step(1, n_outputs=K) * (sum(rows) / len(rows))
         else:
             dt = stopper.clock.dt_per_step(rows[0] if rows else None, n_outputs=K)
-        self._step_dts.append(dt)
+        self._step_dts.append(dt * self._clip_factor(trainer, optimizer))
+
+    def _clip_factor(self, trainer: Any, optimizer: Any) -> float:
+        """The step's scale under gradient clipping, which Lightning applies after this hook.
+
+        Norm clipping scales the whole update by min(1, c / ||g||): the step then moves like one
+        at that fraction of the learning rate, so its time does too (M2). Value clipping changes
+        the direction as well; it is warned about and ignored.
+        """
+        clip = getattr(trainer, "gradient_clip_val", None)
+        if not clip:
+            return 1.0
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+        if algorithm is not None and algorithm != "norm":  # Lightning's default is norm
+            if not self._warned_clip:
+                self._warned_clip = True
+                warnings.warn(
+                    "gradient_clip_algorithm='value' changes the direction of each update, which "
+                    "the gradient-flow clock (METHOD M2) cannot count; the stop assumes "
+                    "unclipped steps. Use norm clipping, which the clock counts exactly.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return 1.0
+        # torch.nn.utils.clip_grad_norm_'s coefficient, eps included.
+        return min(1.0, float(clip) / (_grad_norm(optimizer) + 1e-6))
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

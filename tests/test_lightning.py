@@ -522,3 +522,49 @@ def test_options_are_validated_at_construction():
     with pytest.raises(TypeError, match="StopperOptions"):
         REMLEarlyStopping(patience=10)
     assert "criterion='gcv'" in repr(REMLEarlyStopping(criterion="gcv"))
+
+# --------------------------------------------------------------- clipping and limits
+class _GradNorms(pl.Callback):
+    """Records the total gradient norm before Lightning clips it."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))  # fmt: skip
+
+
+def test_norm_clipping_is_counted_as_a_smaller_step():
+    lr, clip = 0.05, 0.02
+    x, y = _data()
+    cb, norms = REMLEarlyStopping(), _GradNorms()
+    trainer = _trainer([norms, cb], gradient_clip_val=clip)
+    trainer.fit(Regressor(lr=lr), _loader(x, y))
+    assert min(norms.norms) > clip  # clipping was active on every step
+    dts = [2 * A * lr * min(1.0, clip / (g + 1e-6)) for g in norms.norms]
+    assert trainer.global_step == _expected_stop(cb.decision.t_target, dts)
+    assert cb.stopper.clock.t == pytest.approx(sum(dts), rel=1e-9)
+    unclipped, _, _ = _fit(lr=lr)
+    assert trainer.global_step > unclipped.global_step
+
+
+def test_value_clipping_warns():
+    x, y = _data()
+    with pytest.warns(RuntimeWarning, match="gradient_clip_algorithm='value'"):
+        _trainer([REMLEarlyStopping()], gradient_clip_val=0.01, gradient_clip_algorithm="value",
+                 max_steps=3).fit(Regressor(), _loader(x, y))  # fmt: skip
+
+
+def test_limit_train_batches_uses_the_rows_trained_on():
+    x, y = _data()
+    cb = REMLEarlyStopping()
+    _trainer([cb], limit_train_batches=2, max_steps=1).fit(Regressor(), _loader(x, y, 50))
+    assert cb.decision.n_rows == 100  # 2 batches of 50 of the 200 rows, in a fixed order
+    with pytest.warns(RuntimeWarning, match="the loader shuffles"):
+        cb = REMLEarlyStopping()
+        _trainer([cb], limit_train_batches=2, max_steps=1).fit(
+            Regressor(), _loader(x, y, 50, shuffle=True)
+        )  # fmt: skip
+    assert cb.decision.n_rows == 200
