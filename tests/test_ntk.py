@@ -176,11 +176,11 @@ def model_dtype_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_generic_float32_products_accumulate_groups_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     # A float32 model's generic kernel multiplies float32 Jacobian chunks in column groups of
-    # ntk._PRODUCT_GROUP parameters and accumulates them in float64: it must equal the float64
-    # product of the same float32 Jacobian to float32 rounding of a group's sum (~1e-7), with
+    # _ntk_generic.PRODUCT_GROUP parameters and accumulates them in float64: it must equal the
+    # float64 product of the same float32 Jacobian to float32 rounding of a group's sum (~1e-7), with
     # any grouping and chunking. 1e-6 leaves a margin of 10 and still fails on a wrong group,
     # chunk or order (errors of order 1).
-    from remlstop import ntk
+    from remlstop import _ntk_generic
 
     torch.manual_seed(5)
     model = tanh_mlp()  # float32, K = 3, P = 339
@@ -188,8 +188,8 @@ def test_generic_float32_products_accumulate_groups_in_float64(monkeypatch: pyte
     J, J2 = model_dtype_jacobian(model, x), model_dtype_jacobian(model, x2)
     N = J.shape[0]
     H_ref, C_ref = J @ J.T / N, J2 @ J.T / N
-    for group in (ntk._PRODUCT_GROUP, 100, 7):
-        monkeypatch.setattr(ntk, "_PRODUCT_GROUP", group)
+    for group in (_ntk_generic.PRODUCT_GROUP, 100, 7):
+        monkeypatch.setattr(_ntk_generic, "PRODUCT_GROUP", group)
         for chunk in (None, 1, 3, 4):
             H = empirical_ntk(model, x, path="generic", chunk_size=chunk)
             assert H.dtype == torch.float64 and torch.equal(H, H.T)
@@ -199,12 +199,12 @@ def test_generic_float32_products_accumulate_groups_in_float64(monkeypatch: pyte
 
 
 def test_generic_working_dtype() -> None:
-    from remlstop.ntk import _work_dtype
+    from remlstop._ntk_generic import work_dtype
 
-    assert _work_dtype(torch.float32, torch.float64) == torch.float32
-    assert _work_dtype(torch.float64, torch.float64) == torch.float64
-    assert _work_dtype(torch.float64, torch.float32) == torch.float32
-    assert _work_dtype(torch.bfloat16, torch.float64) == torch.float32
+    assert work_dtype(torch.float32, torch.float64) == torch.float32
+    assert work_dtype(torch.float64, torch.float64) == torch.float64
+    assert work_dtype(torch.float64, torch.float32) == torch.float32
+    assert work_dtype(torch.bfloat16, torch.float64) == torch.float32
 
 
 @pytest.mark.parametrize("name", ["tanh_mlp_3_outputs", "cnn", "batchnorm_eval"])
