@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ._model import preserved_rng
+
 __all__ = ["default_batch_adapter", "collect_xy", "as_target_matrix"]
 
 Batch = Any
@@ -74,27 +76,14 @@ def _check_targets(Y: torch.Tensor) -> None:
         raise TypeError(f"targets must be real floating point; got {Y.dtype}.")
 
 
-def _rng_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return torch.random.get_rng_state(), cuda
-
-
-def _restore_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    cpu, cuda = states
-    torch.random.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def _gather_batches(
     data: Any, batch_to_xy: BatchToXY
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     # A shuffled DataLoader draws its permutation seed from the global RNG; restoring it keeps
     # the user's training run identical with or without remlstop.
-    states = _rng_states()
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
-    try:
+    with preserved_rng():
         for i, batch in enumerate(data):
             x, y = batch_to_xy(batch)
             if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
@@ -105,8 +94,6 @@ def _gather_batches(
             device = xs[0].device if xs else x.device
             xs.append(x.detach().to(device))
             ys.append(y.detach().to(device))
-    finally:
-        _restore_rng_states(states)
     return xs, ys
 
 
@@ -131,8 +118,9 @@ def collect_xy(
     ``data``: an ``(X, Y)`` pair of tensors (or a dict batch) taken as one batch, or a
     ``DataLoader``/iterable of batches, each split by ``batch_to_xy`` (default
     :func:`default_batch_adapter`) and concatenated on the device of the first batch.
-    The global torch RNG (and CUDA RNGs) is saved before and restored after iterating, so
-    collecting from a shuffled ``DataLoader`` does not change the user's training run.
+    The global torch RNGs (CPU, and every CUDA device's) are saved before and restored after
+    iterating, so collecting from a shuffled ``DataLoader`` does not change the user's training
+    run.
 
     ``max_samples``: keep a uniformly random subset of that many rows (original order), drawn
     from ``generator`` (a ``torch.Generator`` or an int seed; default seed 0), never from the
@@ -148,8 +136,8 @@ def collect_xy(
     )
     if isinstance(data, torch.Tensor) or not (one_batch or isinstance(data, Iterable)):
         raise TypeError(
-            f"data must be an (X, Y) pair of tensors or an iterable of batches (e.g. a DataLoader); "
-            f"got {type(data).__name__}."
+            "data must be an (X, Y) pair of tensors or an iterable of batches (e.g. a "
+            f"DataLoader); got {type(data).__name__}."
         )
     xs, ys = _gather_batches([data] if one_batch else data, adapter)
     if not xs:
@@ -159,15 +147,20 @@ def collect_xy(
     try:
         X, Y = torch.cat(xs), torch.cat(ys)
     except RuntimeError as err:
-        raise ValueError(f"batches have inconsistent shapes beyond the first dimension: {err}") from err
+        raise ValueError(
+            f"batches have inconsistent shapes beyond the first dimension: {err}"
+        ) from err
     _check_finite(X, "X")
     _check_finite(Y, "Y")
     n = X.shape[0]
     if n < _MIN_ROWS:
         raise ValueError(f"need at least {_MIN_ROWS} training rows; got {n}.")
     if max_samples is not None:
-        if isinstance(max_samples, bool) or int(max_samples) != max_samples or max_samples < _MIN_ROWS:
-            raise ValueError(f"max_samples must be an integer >= {_MIN_ROWS}; got {max_samples!r}.")
+        integer = not isinstance(max_samples, bool) and int(max_samples) == max_samples
+        if not integer or max_samples < _MIN_ROWS:
+            raise ValueError(
+                f"max_samples must be an integer >= {_MIN_ROWS}; got {max_samples!r}."
+            )
         if max_samples < n:
             idx = _subset_rows(n, int(max_samples), generator).to(X.device)
             X, Y = X[idx], Y[idx]

@@ -6,12 +6,11 @@ reports is computed here once (METHOD M2 clock, M4 REML and trajectory rule, M5 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._model import device_dtype, evaluate
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import Criteria, evaluate_criteria
 from .data import as_target_matrix, collect_xy
@@ -118,30 +118,6 @@ class Check:
     t_hat: float | None = None
 
 
-@contextlib.contextmanager
-def _evaluation(model: nn.Module) -> Iterator[None]:
-    """Deterministic, side-effect-free forward passes: eval mode, no grad, RNG untouched."""
-    modes = [(m, m.training) for m in model.modules()]
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        model.eval()
-        try:
-            yield
-        finally:
-            for m, mode in modes:
-                m.train(mode)
-
-
-def _outputs(model: nn.Module, X: torch.Tensor, n_rows: int) -> torch.Tensor:
-    out = model(X)
-    if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != n_rows:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            f"the model's output has shape {shape} for {n_rows} input rows; remlstop needs one "
-            "output row per input row, shape (n,) or (n, K)."
-        )
-    return out.reshape(n_rows, -1)
-
-
 class REMLStopper:
     """Decide whether to train and when to stop, from the training data alone.
 
@@ -234,7 +210,7 @@ class REMLStopper:
             X, Y = collect_xy((X, Y), max_samples=o.max_samples, generator=o.seed)
         Y = as_target_matrix(Y)
         seconds["collect"] = time.perf_counter() - tic
-        device = _model_device(self.model)
+        device, _ = device_dtype(self.model)
         self._X = X.to(device)
         self._Y = Y.to(device)
         if self.clock is None:
@@ -244,8 +220,7 @@ class REMLStopper:
             return self.decision
 
         tic = time.perf_counter()
-        with _evaluation(self.model):
-            f0 = _outputs(self.model, self._X, self._X.shape[0])
+        f0 = evaluate(self.model, self._X, finite=False)
         if f0.shape != self._Y.shape:
             raise ValueError(
                 f"targets have shape {tuple(self._Y.shape)} (as (n, K)) but the model outputs "
@@ -401,8 +376,7 @@ class REMLStopper:
 
     def _residual_check(self) -> tuple[float, float, float]:
         """D = u0^T H r - lambda-bar u0^T r on the real residual r (M4), the MSE and ||r||^2."""
-        with _evaluation(self.model):
-            f = _outputs(self.model, self._X, self._X.shape[0])
+        f = evaluate(self.model, self._X, finite=False)
         if not bool(torch.isfinite(f).all()):
             raise FloatingPointError(
                 "the model's outputs became NaN or inf during training (diverged): lower the "
@@ -478,7 +452,7 @@ class REMLStopper:
         """Restore a state saved by :meth:`state_dict`; ``start()`` then keeps the decision."""
         if not state:
             return
-        device = _model_device(self.model)
+        device, _ = device_dtype(self.model)
         self.clock = GradientFlowClock(self.optimizer, self.options.loss)
         self.clock.load_state_dict(state["clock"])
         self.should_stop = bool(state["should_stop"])
@@ -543,11 +517,3 @@ def _spectrum_from_state(state: dict[str, Any]) -> KernelSpectrum:
         state["eigenvalues"].numpy(), state["z"].numpy(),
         n_fixed=state["n_fixed"], clipped_mass=state["clipped_mass"],
     )  # fmt: skip
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
