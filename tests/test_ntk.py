@@ -426,3 +426,40 @@ def test_wrapper_module_gets_the_layerwise_path_only_when_it_is_the_same_functio
     C, info3 = empirical_ntk(_Wrapper(net), x, x2, return_info=True)
     assert info3.path == "layerwise"
     torch.testing.assert_close(C, empirical_ntk(net, x, x2), rtol=0, atol=0)
+
+
+def test_trace_and_products_use_the_kernels_dispatch() -> None:
+    # One dispatch for all three functions: a wrapper's trace gets the layer-wise backend
+    # through its delegate, as its kernel does; products always take the generic backend.
+    from remlstop.ntk import _dispatch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    wrapper = _Wrapper(net)
+    for operation in ("kernel", "trace"):
+        backend = _dispatch(wrapper, x, "auto", operation)
+        assert backend.path == "layerwise" and backend.network is net
+    backend = _dispatch(wrapper, x, "auto", "product")
+    assert backend.path == "generic" and backend.network is wrapper
+    assert _dispatch(net, x, "generic", "trace").path == "generic"
+    H = empirical_ntk(wrapper, x)
+    assert ntk_trace(wrapper, x) == pytest.approx(float(H.trace()), rel=1e-12)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(ntk_vector_product(wrapper, x, v), H @ v, rtol=1e-10, atol=0)
+
+
+def test_all_three_work_under_inference_mode() -> None:
+    model, x = make("tanh_mlp_3_outputs", n=5)
+    v = torch.randn(15, dtype=torch.float64)
+    expected = (empirical_ntk(model, x), ntk_trace(model, x), ntk_vector_product(model, x, v))
+    with torch.inference_mode():
+        x_inf, v_inf = x.clone(), v.clone()  # inference tensors
+        got = (
+            empirical_ntk(model, x_inf, path="generic"),
+            ntk_trace(model, x_inf),
+            ntk_vector_product(model, x_inf, v_inf),
+        )
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+    assert got[1] == pytest.approx(expected[1], rel=1e-12)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-12, atol=0)
