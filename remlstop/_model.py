@@ -14,6 +14,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,6 +115,47 @@ def preserved(model: nn.Module) -> Iterator[None]:
             if p.grad is not grad:
                 p.grad = grad
         restore_rng_state(rng)
+
+
+def optimizer_parameters(model: nn.Module, optimizer: Any) -> list[nn.Parameter]:
+    """The model's trainable parameters that ``optimizer`` updates (the kernel's, M1).
+
+    Raises ValueError when it updates none of them; warns when some trainable ones are missing
+    (they never move, so they take no part in the flow the clock counts).
+    """
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    updated = [p for p in trainable if id(p) in held]
+    if not updated:
+        raise ValueError(
+            f"the optimizer updates none of the model's {len(trainable)} trainable parameter "
+            "tensors (was it built for another model, or before the model was copied?); build "
+            "it from model.parameters() of the network you pass."
+        )
+    if len(updated) < len(trainable):
+        warnings.warn(
+            f"{len(trainable) - len(updated)} of the model's {len(trainable)} trainable "
+            "parameter tensors are not in the optimizer; the kernel is taken over the "
+            f"{len(updated)} it updates (set requires_grad=False on the others to silence this).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return updated
+
+
+@contextlib.contextmanager
+def trained_only(model: nn.Module, trained: list[nn.Parameter]) -> Iterator[None]:
+    """The body sees only ``trained`` as trainable (requires_grad restored afterwards), so the
+    kernel is taken over the parameters the optimizer moves."""
+    keep = {id(p) for p in trained}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 @contextlib.contextmanager

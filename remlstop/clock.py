@@ -244,6 +244,22 @@ class GradientFlowClock:
         base, c, e, beta = self._step_map(batch_size_rows, n_outputs)
         return base * (c + e * beta ** (self.steps + 1))
 
+    def is_stable(self, lambda_max: float) -> bool:
+        """Whether the steps converge on the kernel's top direction, the linearised model (M2).
+
+        With Δ = 2aη (mean reduction) and the largest kernel eigenvalue λ_max: plain SGD needs
+        Δ·λ_max < 2; the heavy ball with momentum β and dampening d, Δ(1 − d)·λ_max < 2(1 + β);
+        Nesterov, Δ·λ_max < 2(1 + β)/(1 + 2β). Optimizers without a fixed map count as stable.
+        """
+        if not self.fixed_map:
+            return True
+        group = next(g for g in self.optimizer.param_groups if len(g["params"]) > 0)
+        step = 2.0 * self.loss.a * float(group["lr"]) * float(lambda_max)
+        beta = float(group.get("momentum", 0.0))
+        if group.get("nesterov", False):
+            return step < 2.0 * (1.0 + beta) / (1.0 + 2.0 * beta)
+        return step * (1.0 - float(group.get("dampening", 0.0))) < 2.0 * (1.0 + beta)
+
     def steps_for_time(
         self, t: float, batch_size_rows: int | None = None, n_outputs: int = 1
     ) -> float:

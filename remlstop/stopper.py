@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._model import device_dtype, evaluate
+from ._model import device_dtype, evaluate, optimizer_parameters, trained_only
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import Criteria, evaluate_criteria
 from .data import as_target_matrix, collect_xy
@@ -31,6 +31,10 @@ from .vctest import VarianceComponentTest, variance_component_test
 __all__ = ["REMLStopper", "Decision", "Check"]
 
 logger = logging.getLogger("remlstop")
+
+# A training MSE this many times the initial one means divergence, not a transient (gradient
+# descent at a stable step size does not raise the linearised model's loss at all).
+_DIVERGED = 10.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,8 @@ class REMLStopper:
         self._test_spectrum: KernelSpectrum | None = None
         self._H0: torch.Tensor | None = None
         self._restored = False
+        self._unstable = False
+        self._mse0 = math.nan
 
     @property
     def loss(self) -> LossSpec:
@@ -202,6 +208,17 @@ class REMLStopper:
         for the trajectory checks.
         """
         o = self.options
+        if self.decision is not None and not self._restored:
+            assert self.clock is not None
+            if self.clock.steps == 0:
+                return self.decision
+            raise RuntimeError(
+                f"start() was already called and {self.clock.steps} steps have been counted "
+                "since: the decision was made at the initial parameters and is kept (read "
+                "stopper.decision). To decide afresh, build a new REMLStopper before training; "
+                "to resume from a checkpoint, load_state_dict() first."
+            )
+        trained = optimizer_parameters(self.model, self.optimizer)
         seconds: dict[str, float] = {}
         tic = time.perf_counter()
         X, Y = collect_xy(self._data, batch_to_xy=self._batch_to_xy)
@@ -235,7 +252,9 @@ class REMLStopper:
         seconds["forward"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        H, info = empirical_ntk(self.model, self._X, chunk_size=o.chunk_size, return_info=True)
+        with trained_only(self.model, trained):
+            H, info = empirical_ntk(self.model, self._X, chunk_size=o.chunk_size,
+                                    return_info=True)  # fmt: skip
         seconds["kernel"] = time.perf_counter() - tic
         tic = time.perf_counter()
         spectrum = KernelSpectrum.from_kernel(H, u0)
@@ -253,6 +272,19 @@ class REMLStopper:
 
         self._spectrum0 = self._spectrum = spectrum
         self._test_spectrum = test_spectrum
+        lam_max = float(spectrum.eigenvalues[-1])
+        self._unstable = not self.clock.is_stable(lam_max)
+        if self._unstable:
+            warnings.warn(
+                f"the step size is unstable on this kernel: a step of the learning rate "
+                f"{self.optimizer.param_groups[0]['lr']:g} times its largest eigenvalue "
+                f"{lam_max:.4g} exceeds the gradient-descent limit (METHOD M2), so training "
+                "diverges along the kernel's top direction. Lower the learning rate below "
+                f"{self.optimizer.param_groups[0]['lr'] / (lam_max * self._dt_now() / 2):.3g}"
+                " (plain SGD).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._set_kernel(H, u0, spectrum, criteria.fits[o.criterion].t)
         if o.refresh_every_n_steps is not None:
             self._H0 = H
@@ -309,6 +341,7 @@ class REMLStopper:
     ) -> None:
         u0 = u0.to(H.device)
         self._u0 = u0
+        self._mse0 = float(u0 @ u0) / u0.numel()
         self._Hu0 = H @ u0
         # lambda-bar from the spectrum, the number the REML root uses (M4), so D = 0 there.
         self._lam_bar = spectrum.mean_eigenvalue
@@ -338,6 +371,11 @@ class REMLStopper:
         """
         if not self.started:
             raise RuntimeError("call start() before the first step() (it computes the decision).")
+        if self._X is None:
+            raise RuntimeError(
+                "after load_state_dict(), call start() before step(): it reloads the training "
+                "data for the checks and keeps the saved decision."
+            )
         assert self.clock is not None
         if self.should_stop:
             return True
@@ -365,13 +403,20 @@ class REMLStopper:
                     self._spectrum.eigenvalues, self._spectrum.z, r_norm2
                 )  # fmt: skip
         self.history.append(Check(step=k, t=t_now, D=D, train_mse=mse))
-        if self.rule == "trajectory":
+        if mse is not None and mse > _DIVERGED * self._mse0:
+            self._stop(k, f"diverged: the training MSE rose from {self._mse0:.4g} to {mse:.4g} "
+                          f"by step {k}; lower the learning rate")  # fmt: skip
+            warnings.warn(f"remlstop: {self.stopping_reason}.", RuntimeWarning, stacklevel=2)
+        elif self.rule == "trajectory":
             if D is not None and D <= 0:
                 self._stop(k, f"trajectory rule: D = {D:.3g} <= 0 at step {k}")
         # Under a fixed time map the stop goes to the step nearest t-hat; the loss-matched
         # clock has no step size of its own, so there the first check past t-hat stops.
         elif t_now + (0.5 * step_dt if self.clock.fixed_map else 0.0) >= self._t_target:
-            self._stop(k, f"time rule: t = {t_now:.4g} reached t-hat = {self._t_target:.4g}")
+            unstable = " (with an unstable step size: see the warning at start)" \
+                if self._unstable else ""  # fmt: skip
+            self._stop(k, f"time rule: t = {t_now:.4g} reached the stop time "
+                          f"{self._t_target:.4g}{unstable}")  # fmt: skip
         return self.should_stop
 
     def _residual_check(self) -> tuple[float, float, float]:
@@ -461,6 +506,7 @@ class REMLStopper:
         self._t_target = float(state["t_target"])
         self._lam_bar = float(state["lam_bar"])
         self._u0 = state["u0"].to(device)
+        self._mse0 = float(self._u0 @ self._u0) / self._u0.numel()
         self._Hu0 = state["Hu0"].to(device)
         self._spectrum0 = _spectrum_from_state(state["spectrum0"])
         self._spectrum = _spectrum_from_state(state["spectrum"])

@@ -282,8 +282,9 @@ def test_bad_data_is_refused_at_start():
     nan_model = paper_mlp(width=8)
     with torch.no_grad():
         nan_model[0].bias.fill_(math.nan)
+    nan_opt = torch.optim.SGD(nan_model.parameters(), lr=0.01)
     with pytest.raises(ValueError, match="NaN"):
-        REMLStopper(nan_model, x, y, optimizer=opt).start()
+        REMLStopper(nan_model, x, y, optimizer=nan_opt).start()
     with pytest.raises(RuntimeError, match="start"):
         REMLStopper(model, x, y, optimizer=opt).step()
 

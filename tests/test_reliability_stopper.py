@@ -1,0 +1,103 @@
+"""Misuse and faults the stopper must name instead of mis-stopping silently."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from remlstop import REMLStopper, empirical_ntk
+
+
+def _repro(seed=0, lr=0.05):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1))
+    X = torch.randn(120, 5)
+    Y = torch.sin(2 * X[:, :1])
+    return m, X, Y, torch.optim.SGD(m.parameters(), lr=lr)
+
+
+def _gd(m, opt, X, Y):
+    opt.zero_grad()
+    (0.5 * ((m(X) - Y) ** 2).mean()).backward()
+    opt.step()
+
+
+def test_optimizer_of_another_model_is_refused():
+    m, X, Y, _ = _repro()
+    other = torch.optim.SGD(nn.Linear(5, 1).parameters(), lr=0.05)
+    with pytest.raises(ValueError, match="updates none of the model's"):
+        REMLStopper(m, X, Y, optimizer=other).start()
+
+
+def test_kernel_is_taken_over_the_parameters_the_optimizer_updates():
+    m, X, Y, _ = _repro()
+    head_only = torch.optim.SGD(m[2].parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning, match="2 of the model's 4 trainable parameter tensors"):
+        d = REMLStopper(m, X, Y, optimizer=head_only).start()
+    for p in m[0].parameters():  # the body is untouched: still trainable afterwards
+        assert p.requires_grad
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    H_head = empirical_ntk(m, X)
+    for p in m[0].parameters():
+        p.requires_grad_(True)
+    assert d.criteria.fits["reml"].spectrum.trace == pytest.approx(
+        float(torch.trace(H_head)), rel=1e-9
+    )
+
+
+def test_unstable_step_size_warns_at_start_and_divergence_is_reported_as_such():
+    m, X, Y, opt = _repro(lr=10.0)
+    with pytest.warns(RuntimeWarning, match="step size is unstable"):
+        stopper = REMLStopper(m, X, Y, optimizer=opt, rule="trajectory")
+        stopper.start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            _gd(m, opt, X, Y)
+            if stopper.step():
+                break
+    assert stopper.stopping_reason.startswith("diverged")
+    assert any("diverged" in str(w.message) for w in caught)
+    # The time rule says that its stop came with an unstable step size.
+    m, X, Y, opt = _repro(lr=10.0)
+    with pytest.warns(RuntimeWarning, match="step size is unstable"):
+        stopper = REMLStopper(m, X, Y, optimizer=opt)
+        stopper.start()
+    while not stopper.step():
+        _gd(m, opt, X, Y)
+    assert "unstable step size" in stopper.stopping_reason
+
+
+def test_a_stable_step_size_does_not_warn():
+    m, X, Y, opt = _repro(lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        warnings.filterwarnings("ignore", message="misfit")
+        REMLStopper(m, X, Y, optimizer=opt).start()
+
+
+def test_start_again_after_training_began_is_refused():
+    m, X, Y, opt = _repro()
+    stopper = REMLStopper(m, X, Y, optimizer=opt)
+    d = stopper.start()
+    assert stopper.start() is d  # before any step: the same decision, nothing recomputed
+    _gd(m, opt, X, Y)
+    stopper.step()
+    with pytest.raises(RuntimeError, match="decision was made at the initial parameters"):
+        stopper.start()
+
+
+def test_step_after_load_state_dict_without_start_says_what_to_do():
+    m, X, Y, opt = _repro()
+    stopper = REMLStopper(m, X, Y, optimizer=opt)
+    stopper.start()
+    _gd(m, opt, X, Y)
+    stopper.step()
+    resumed = REMLStopper(m, X, Y, optimizer=opt)
+    resumed.load_state_dict(stopper.state_dict())
+    with pytest.raises(RuntimeError, match="call start\\(\\) before step\\(\\)"):
+        resumed.step()
+    resumed.start()
+    assert resumed.step() is False
