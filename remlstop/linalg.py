@@ -113,7 +113,9 @@ def symmetric_eigh(matrix: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.nd
     return evals, evecs
 
 
-def spectral_projection(matrix: np.ndarray, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def spectral_projection(
+    matrix: np.ndarray, vector: np.ndarray, *, overwrite: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues of a symmetric matrix and a vector's (or columns') coordinates in its eigenbasis.
 
     Shapes: matrix (N, N) and vector (N,) or (N, c) float64 in; (N,) ascending eigenvalues
@@ -123,8 +125,10 @@ def spectral_projection(matrix: np.ndarray, vector: np.ndarray) -> tuple[np.ndar
     the Householder reflectors (Q^T vector, O(N^2 c)), and T is decomposed by divide and conquer
     (``dstevd``). Skipping the back-transformation V = Q W, about half the flops of a full
     ``eigh``, made it 1.6-1.7x faster at N = 1,000-2,000 with the same eigenvalues
-    (benchmarks/eigh_threads.py). Falls back to :func:`symmetric_eigh` if LAPACK reports a
-    failure.
+    (benchmarks/eigh_threads.py). Only the lower triangle is read. Memory: one N x N copy for
+    the reduction (none with ``overwrite=True``, which destroys ``matrix``), freed before the
+    N x N eigenvectors of T are formed. Divide and conquer falls back to the QR algorithm
+    (``dstev``) if it does not converge.
     """
     A = np.asarray(matrix, dtype=np.float64)
     u = np.asarray(vector, dtype=np.float64)
@@ -133,19 +137,24 @@ def spectral_projection(matrix: np.ndarray, vector: np.ndarray) -> tuple[np.ndar
     n = A.shape[0]
     with blas_threads(eigh_threads(n)):
         lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
-        packed, diag, offdiag, tau, info = lapack.dsytrd(A, lower=1, lwork=max(lwork, n))
-        if info == 0:
-            w = u.copy()
-            # Q = H(0) ... H(n-2), H(i) = I - tau_i v v^T with v[i+1] = 1 and v[i+2:] stored
-            # below the subdiagonal of column i; Q^T u applies H(0) first.
-            for i in range(n - 1):
-                if tau[i] != 0.0:
-                    v = packed[i + 1:, i].copy()
-                    v[0] = 1.0
-                    w[i + 1:] -= np.outer(v, tau[i] * (v @ w[i + 1:]))
-            evals, W, info = lapack.dstevd(diag, offdiag, compute_v=1)
-        if info == 0:
-            return evals, (W.T @ w).reshape(shape)
-    evals, evecs = symmetric_eigh(A)
-    with blas_threads():
-        return evals, (evecs.T @ u).reshape(shape)
+        packed, diag, offdiag, tau, info = lapack.dsytrd(
+            A, lower=1, lwork=max(lwork, n), overwrite_a=int(overwrite)
+        )
+        if info != 0:
+            raise np.linalg.LinAlgError(f"LAPACK dsytrd failed (info = {info}).")
+        del A
+        w = u.copy()
+        # Q = H(0) ... H(n-2), H(i) = I - tau_i v v^T with v[i+1] = 1 and v[i+2:] stored
+        # below the subdiagonal of column i; Q^T u applies H(0) first.
+        for i in range(n - 1):
+            if tau[i] != 0.0:
+                v = packed[i + 1:, i].copy()
+                v[0] = 1.0
+                w[i + 1:] -= np.outer(v, tau[i] * (v @ w[i + 1:]))
+        del packed
+        evals, W, info = lapack.dstevd(diag, offdiag, compute_v=1)
+        if info != 0:
+            evals, W, info = lapack.dstev(diag, offdiag, compute_v=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"LAPACK could not diagonalise T (info = {info}).")
+        return evals, (W.T @ w).reshape(shape)

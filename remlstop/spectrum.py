@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.linalg import blas
 
 from .linalg import blas_threads, spectral_projection
 
@@ -57,8 +58,18 @@ def as_float64_vector(values: ArrayLike, name: str) -> np.ndarray:
     return vec
 
 
+def _max_asymmetry(H: np.ndarray, rows: int = 256) -> float:
+    """max |H - H^T| in row blocks, so no N x N temporary is made."""
+    return max(
+        float(np.max(np.abs(H[i : i + rows] - H[:, i : i + rows].T)))
+        for i in range(0, H.shape[0], rows)
+    )
+
+
 def _check_kernel(kernel: ArrayLike) -> np.ndarray:
-    """Validate a dense kernel and return it as a symmetric float64 array."""
+    """Validate a dense kernel and return it as a float64 array (the caller's memory when it
+    already is one: nothing N x N is copied). It is symmetric up to round-off; the
+    eigensolver reads its lower triangle."""
     if isinstance(kernel, torch.Tensor) and not kernel.is_floating_point():
         raise TypeError(f"kernel must be floating point, got dtype {kernel.dtype}.")
     H = np.asarray(_to_numpy(kernel), dtype=np.float64)
@@ -69,25 +80,25 @@ def _check_kernel(kernel: ArrayLike) -> np.ndarray:
             f"kernel is {H.shape[0]}x{H.shape[0]}; at least N = 3 residuals are needed to estimate "
             "a variance component. Use more training rows."
         )
-    if not np.all(np.isfinite(H)):
+    if not np.isfinite(H).all():
         raise ValueError(
             "kernel contains NaN or infinite entries; check the model outputs and parameters "
             "(a diverged or NaN-initialised network gives a NaN kernel)."
         )
-    scale = float(np.max(np.abs(H)))
+    scale = max(float(H.max()), -float(H.min()))
     if scale == 0.0:
         raise ValueError(
             "kernel is identically zero: the model's outputs do not depend on its trainable "
             "parameters at these inputs (frozen or dead network). Nothing can be learned."
         )
-    asym = float(np.max(np.abs(H - H.T)))
+    asym = _max_asymmetry(H)
     sym_tol = max(1e-10, 100.0 * _dtype_eps(kernel)) * scale
     if asym > sym_tol:
         raise ValueError(
             f"kernel is not symmetric (max |H - H^T| = {asym:.3g} vs max |H| = {scale:.3g}); an "
             "NTK train-train kernel is J J^T / N. Did you pass the cross kernel?"
         )
-    return 0.5 * (H + H.T)
+    return H
 
 
 def expand_covariates(covariates: ArrayLike, n_total: int) -> np.ndarray:
@@ -112,6 +123,22 @@ def expand_covariates(covariates: ArrayLike, n_total: int) -> np.ndarray:
                 "one row per residual (N rows) or one per training row (n rows, N = n*K)."
             )
     return Z
+
+
+def _compressed(H: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """P H P - s Q Q^T, P = I - Q Q^T, in the lower triangle of one new N x N array (M5).
+
+    The covariate directions get eigenvalue -s (s = tr H + 1), well apart from the compressed
+    kernel's (all >= 0), so they are split off exactly even where the compressed kernel itself
+    has a null space. As one symmetric rank-2q update, H - (B Q^T + Q B^T) with
+    B = H Q - Q (Q^T H Q)/2 + s Q/2 (BLAS syr2k), so no other N x N temporary is made.
+    """
+    shift = float(np.trace(H)) + 1.0
+    with blas_threads():
+        HQ = H @ Q
+        B = HQ - 0.5 * Q @ (Q.T @ HQ) + 0.5 * shift * Q
+        out = np.array(H, order="F", copy=True)
+        return blas.dsyr2k(-1.0, B, Q, beta=1.0, c=out, lower=1, overwrite_c=1)
 
 
 def _orthonormal_basis(Z: np.ndarray) -> np.ndarray:
@@ -278,15 +305,15 @@ class KernelSpectrum:
             # P H P - s Q Q^T: the covariate directions get eigenvalue -s, well apart from the
             # compressed kernel's (all >= 0), so they are split off exactly even where the
             # compressed kernel itself has a null space.
-            shift = float(np.trace(H)) + 1.0
-            with blas_threads():
-                HQ = H @ Q
-                QtHQ = Q.T @ HQ
-                H = H - HQ @ Q.T - Q @ HQ.T + Q @ (QtHQ - shift * np.eye(q)) @ Q.T
-            H = 0.5 * (H + H.T)
             u0 = u0 - Q @ (Q.T @ u0)
         if W is None:
-            evals, z = spectral_projection(H, u0)
+            compressed = None if covariates is None else _compressed(H, Q)
+            # The compressed kernel is ours: the eigensolver may overwrite it (one N x N copy
+            # fewer at the peak).
+            evals, z = spectral_projection(
+                H if compressed is None else compressed, u0, overwrite=compressed is not None
+            )
+            del compressed
             # The q eigenvectors spanning the covariates carry eigenvalue -shift and no residual.
             evals, z = evals[q:], z[q:]
         lam_max = float(evals[-1])
