@@ -129,9 +129,17 @@ def _layer_features(
         m for m in linears
         if m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad)
     ]
-    inputs: dict[int, list[torch.Tensor]] = {id(m): [] for m in trainable}
-    grads: dict[int, list[torch.Tensor]] = {id(m): [] for m in trainable}
-    for start in range(0, x.shape[0], chunk):
+    # Filled chunk by chunk in place: concatenating chunks would hold every factor twice.
+    n = x.shape[0]
+    inputs = {
+        id(m): torch.empty((n, m.in_features), dtype=dtype, device=x.device)
+        for m in trainable if m.weight.requires_grad
+    }  # fmt: skip
+    grads = {
+        id(m): torch.empty((n * K, m.out_features), dtype=dtype, device=x.device)
+        for m in trainable
+    }
+    for start in range(0, n, chunk):
         xc = x[start : start + chunk]
         rows = xc.shape[0]
         outputs: list[torch.Tensor] = []
@@ -140,7 +148,7 @@ def _layer_features(
             for layer in layers:
                 if isinstance(layer, nn.Linear):
                     if id(layer) in inputs:
-                        inputs[id(layer)].append(h.detach().to(dtype))
+                        inputs[id(layer)][start : start + rows] = h.detach()
                     bias = None if layer.bias is None else layer.bias.detach()
                     h = nn.functional.linear(h, layer.weight.detach(), bias)
                     if id(layer) in grads:
@@ -156,12 +164,12 @@ def _layer_features(
         for i, layer in enumerate(trainable):
             # (rows, K, d_out) -> rows ordered i*K + k, as in M1.
             g = torch.stack([col[i] for col in columns], dim=1)
-            grads[id(layer)].append(g.reshape(rows * K, -1).to(dtype))
+            grads[id(layer)][start * K : (start + rows) * K] = g.reshape(rows * K, -1)
     return [
         _LinearFeatures(
-            inputs=torch.cat(inputs[id(m)]) if m.weight.requires_grad else None,
+            inputs=inputs.get(id(m)),
             bias=m.bias is not None and m.bias.requires_grad,
-            grads=torch.cat(grads[id(m)]),
+            grads=grads[id(m)],
         )
         for m in trainable
     ]
@@ -268,14 +276,13 @@ def work_bytes(
     network: nn.Module, n: int, n2: int | None, K: int, rows: int, itemsize: int
 ) -> int:
     """Working memory (bytes) of :func:`kernel`: A and G of every trainable Linear for the n
-    training (and n2 test) rows, twice (the per-chunk pieces and their concatenation), and one
-    Gram tile of ``rows`` rows (see :func:`tile_rows`)."""
+    training (and n2 test) rows, and one Gram tile of ``rows`` rows (see :func:`tile_rows`)."""
     per_row = 0
     for m in flatten_sequential(network):
         if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters()):
             per_row += m.in_features * m.weight.requires_grad + K * m.out_features
     rows_in_tile = min(rows, n2 or n)
-    features = 2 * (n + (n2 or 0)) * per_row
+    features = (n + (n2 or 0)) * per_row
     return itemsize * (features + 2 * rows_in_tile * K * n * K + rows_in_tile * n)
 
 
