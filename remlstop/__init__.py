@@ -13,7 +13,8 @@ from .options import StopperOptions
 from .priors import PriorFit, fit_prior
 from .reml import REMLFit, profile_loglik, reml_fit
 from .spectrum import KernelSpectrum
-from .stopper import Decision, REMLStopper
+from .decision import Decision
+from .stopper import REMLStopper
 from .vctest import VarianceComponentTest, variance_component_test
 
 __version__ = "0.1.0.dev0"

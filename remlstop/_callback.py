@@ -65,7 +65,8 @@ from torch import nn
 from .clock import LossSpec
 from .data import collect_xy, default_batch_adapter
 from .options import StopperOptions
-from .stopper import Check, Decision, REMLStopper
+from .decision import Check, Decision
+from .stopper import REMLStopper
 
 __all__ = ["REMLEarlyStoppingBody"]
 
@@ -366,7 +367,7 @@ class REMLEarlyStoppingBody:
             self.stopping_reason = self._reason("NOT_STOPPED")
         if pending:
             stopper.load_state_dict(pending)  # a resumed run keeps the saved decision
-            stopper.start()
+            stopper.resume()
             steps = stopper.clock.steps if stopper.clock is not None else 0
             if not stopper.should_stop and steps != trainer.global_step:
                 logger.warning(
@@ -411,7 +412,7 @@ class REMLEarlyStoppingBody:
             raise RuntimeError(f"REMLEarlyStopping failed on rank 0: {payload[1]}")
         if trainer.global_rank != 0:
             stopper.load_state_dict(payload[1])
-            stopper.start()  # loads the data for the checks; keeps rank 0's decision
+            stopper.resume()  # loads the data for the checks; keeps rank 0's decision
 
     # ------------------------------------------------------------------------ steps
     def on_train_batch_start(
@@ -425,7 +426,6 @@ class REMLEarlyStoppingBody:
         stopper = self.stopper
         if stopper is None or stopper.clock is None or stopper.decision is None:
             return
-        K = stopper.decision.n_outputs
         rows = self._rows_since_step
         self._rows_since_step = []
         if not _has_gradients(optimizer):
@@ -433,12 +433,7 @@ class REMLEarlyStoppingBody:
             # step, but the optimizer skips every parameter, so no gradient-flow time passes.
             self._step_dts.append(0.0)
             return
-        if rows and len(set(rows)) > 1:
-            # Sum losses, accumulated batches of unequal sizes: Lightning averages the batch
-            # losses, so the step moves like a sum over the mean number of rows (linear in rows).
-            dt = stopper.clock.dt_per_step(1, n_outputs=K) * (sum(rows) / len(rows))
-        else:
-            dt = stopper.clock.dt_per_step(rows[0] if rows else None, n_outputs=K)
+        dt = stopper.step_time(rows)
         self._step_dts.append(dt * self._clip_factor(trainer, optimizer))
 
     def _clip_factor(self, trainer: Any, optimizer: Any) -> float:

@@ -290,7 +290,15 @@ class GradientFlowClock:
 
     def advance(self, batch_size_rows: int | None = None, n_outputs: int = 1) -> float:
         """Count one step: add :meth:`dt_per_step` to ``t``, increment ``steps``; returns ``t``."""
-        self.t += self.dt_per_step(batch_size_rows, n_outputs)
+        return self.count(self.dt_per_step(batch_size_rows, n_outputs))
+
+    def count(self, dt: float) -> float:
+        """Count one step of gradient-flow time ``dt`` read earlier (by :meth:`dt_per_step`
+        before the optimizer moved, say); returns ``t``."""
+        dt = float(dt)
+        if not (math.isfinite(dt) and dt >= 0.0):
+            raise ValueError(f"a step's gradient-flow time must be finite and >= 0; got {dt}.")
+        self.t += dt
         self.steps += 1
         return self.t
 

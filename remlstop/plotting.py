@@ -20,7 +20,7 @@ from scipy import stats
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .stopper import Check, Decision
+    from .decision import Check, Decision
 
 __all__ = ["plot_decision"]
 
@@ -47,7 +47,7 @@ def _pyplot() -> Any:
 
 def _unpack(obj: Any) -> tuple[Decision, list[Check], int | None]:
     """(decision, history, stop step) from a Decision, a REMLStopper or a REMLEarlyStopping."""
-    from .stopper import Decision
+    from .decision import Decision
 
     if isinstance(obj, Decision):
         return obj, [], None

@@ -10,23 +10,24 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._baseline import Baseline, KernelView
 from ._model import device_dtype, evaluate, optimizer_parameters, trained_only
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
-from .criteria import Criteria, evaluate_criteria
+from .criteria import evaluate_criteria
 from .data import as_target_matrix, collect_xy
+from .decision import Check, Decision
 from .ntk import empirical_ntk
 from .options import StopperOptions
-from .reml import REMLFit
 from .spectrum import KernelSpectrum, expand_covariates
-from .vctest import VarianceComponentTest, variance_component_test
+from .vctest import variance_component_test
 
 __all__ = ["REMLStopper", "Decision", "Check"]
 
@@ -35,91 +36,6 @@ logger = logging.getLogger("remlstop")
 # A training MSE this many times the initial one means divergence, not a transient (gradient
 # descent at a stable step size does not raise the linearised model's loss at all).
 _DIVERGED = 10.0
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What :meth:`REMLStopper.start` decided before the first step.
-
-    Attributes:
-        train: whether training is warranted (the test rejects at ``alpha``, or the user chose
-            ``on_insignificant='continue'``/``'warn'``).
-        test: the variance-component test (M5).
-        fit: the paper's REML fit (M4), whatever the criterion.
-        criteria: every criterion's fit on the same spectrum (M9), with the misfit Delta.
-        criterion: the criterion whose stop time the time rule follows.
-        target_steps: optimizer steps to reach ``t_target`` at the learning rate held at start
-            (a schedule changes it; the clock counts the real steps); inf: train to the budget.
-        dt_per_step: gradient-flow time per step at start (M2).
-        rule: 'time' or 'trajectory'.
-        kernel_path: which NTK path ran ('layerwise' or 'generic').
-        n_rows, n_outputs: training rows used for the kernel and outputs per row.
-        seconds: wall-clock seconds spent (collect, forward, kernel, spectrum, test, fit).
-    """
-
-    train: bool
-    test: VarianceComponentTest
-    fit: REMLFit
-    criteria: Criteria
-    criterion: str
-    target_steps: float
-    dt_per_step: float
-    rule: str
-    kernel_path: str
-    n_rows: int
-    n_outputs: int
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def t_target(self) -> float:
-        """The chosen criterion's stop time, gradient-flow units (inf: train to the budget)."""
-        return float(self.criteria.fits[self.criterion].t)
-
-    @property
-    def misfit(self) -> float:
-        """Delta = l_linear - l_exp in nats (M9)."""
-        return self.criteria.misfit
-
-    def summary(self) -> str:
-        verdict = "TRAIN" if self.train else "DO NOT TRAIN"
-        chosen = self.criteria.fits[self.criterion]
-        if self.rule == "trajectory":
-            stop = "stop at the first check where D <= 0 on the real residual (M4)"
-        elif chosen.unbounded:
-            stop = "no finite stop time: train to the budget (your max_steps)"
-        else:
-            stop = (
-                f"stop at t = {chosen.t:.4g} = {self.target_steps:.1f} steps at the current "
-                "learning rate"
-            )
-        return "\n".join(
-            [
-                f"remlstop decision: {verdict}",
-                f"  {self.test.summary()}",
-                f"  {self.fit.summary()}",
-                f"  {self.criteria.misfit_message()}",
-                "  stop time by criterion (* = used):",
-                *(f"    {line}" for line in self.criteria.lines(self.dt_per_step, self.criterion)),
-                f"  criterion = {self.criterion}, rule = {self.rule}: {stop}",
-                f"  kernel: {self.kernel_path} path, n = {self.n_rows} rows x K = "
-                f"{self.n_outputs} outputs; {sum(self.seconds.values()):.2f} s spent",
-            ]
-        )
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-@dataclass(frozen=True)
-class Check:
-    """One entry of the stopper's history (units named: ``t`` is time, ``step`` is steps)."""
-
-    step: int
-    t: float
-    D: float | None = None
-    train_mse: float | None = None
-    drift: float | None = None
-    t_hat: float | None = None
 
 
 class REMLStopper:
@@ -171,21 +87,13 @@ class REMLStopper:
         self.should_stop = False
         self.stop_step: int | None = None
         self.stopping_reason = ""
-        # Quantities the rules read, set by start() or restored by load_state_dict().
+        # What start() decided from (built once) and the kernel the rules read now (replaced
+        # at refreshes); both restored as units by load_state_dict().
+        self._baseline: Baseline | None = None
+        self._kernel: KernelView | None = None
+        # The training data the checks read, loaded by start() or resume().
         self._X: torch.Tensor | None = None
         self._Y: torch.Tensor | None = None
-        self._n_full: int | None = None
-        self._u0: torch.Tensor | None = None
-        self._Hu0: torch.Tensor | None = None
-        self._lam_bar = math.nan
-        self._t_target = math.nan
-        self._spectrum0: KernelSpectrum | None = None
-        self._spectrum: KernelSpectrum | None = None
-        self._test_spectrum: KernelSpectrum | None = None
-        self._H0: torch.Tensor | None = None
-        self._restored = False
-        self._unstable = False
-        self._mse0 = math.nan
 
     @property
     def loss(self) -> LossSpec:
@@ -201,14 +109,15 @@ class REMLStopper:
 
     # ----------------------------------------------------------------- start
     def start(self) -> Decision:
-        """Collect (X, Y), compute f0, the NTK, the test (M5) and REML (M4); before step 1.
+        """Collect (X, Y), compute f0, the NTK, the test (M5) and every criterion (M4, M9);
+        before step 1.
 
-        After :meth:`load_state_dict` the saved decision is kept (the parameters have moved, so
-        recomputing the kernel would answer a different question) and only the data is reloaded
-        for the trajectory checks.
+        After :meth:`load_state_dict` this is :meth:`resume`: the saved decision is kept.
         """
         o = self.options
-        if self.decision is not None and not self._restored:
+        if self.decision is not None and self._X is None:
+            return self.resume()
+        if self.decision is not None:
             assert self.clock is not None
             if self.clock.steps == 0:
                 return self.decision
@@ -221,20 +130,8 @@ class REMLStopper:
         trained = optimizer_parameters(self.model, self.optimizer)
         seconds: dict[str, float] = {}
         tic = time.perf_counter()
-        X, Y = collect_xy(self._data, batch_to_xy=self._batch_to_xy)
-        self._n_full = X.shape[0]
-        if o.max_samples is not None and o.max_samples < X.shape[0]:
-            X, Y = collect_xy((X, Y), max_samples=o.max_samples, generator=o.seed)
-        Y = as_target_matrix(Y)
+        self._load_data()
         seconds["collect"] = time.perf_counter() - tic
-        device, _ = device_dtype(self.model)
-        self._X = X.to(device)
-        self._Y = Y.to(device)
-        if self.clock is None:
-            self.clock = GradientFlowClock(self.optimizer, o.loss, n_total=self._n_full)
-        self.clock.n_total = self._n_full
-        if self._restored and self.decision is not None:
-            return self.decision
 
         tic = time.perf_counter()
         f0 = evaluate(self.model, self._X, finite=False)
@@ -270,11 +167,17 @@ class REMLStopper:
         criteria = evaluate_criteria(spectrum)
         seconds["fit"] = time.perf_counter() - tic
 
-        self._spectrum0 = self._spectrum = spectrum
-        self._test_spectrum = test_spectrum
         lam_max = float(spectrum.eigenvalues[-1])
-        self._unstable = not self.clock.is_stable(lam_max)
-        if self._unstable:
+        assert self.clock is not None
+        self._baseline = Baseline(
+            u0=u0.to(H.device),
+            spectrum=spectrum,
+            test_spectrum=test_spectrum,
+            H0=H if o.refresh_every_n_steps is not None else None,
+            unstable=not self.clock.is_stable(lam_max),
+        )
+        self._kernel = KernelView.build(H, u0, spectrum, criteria.fits[o.criterion].t)
+        if self._baseline.unstable:
             warnings.warn(
                 f"the step size is unstable on this kernel: a step of the learning rate "
                 f"{self.optimizer.param_groups[0]['lr']:g} times its largest eigenvalue "
@@ -285,12 +188,9 @@ class REMLStopper:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._set_kernel(H, u0, spectrum, criteria.fits[o.criterion].t)
-        if o.refresh_every_n_steps is not None:
-            self._H0 = H
         dt = self._dt_now()
         train = test.train or o.on_insignificant != "stop"
-        t_target = self._t_target
+        t_target = self._kernel.t_target
         self.decision = Decision(
             train=train,
             test=test,
@@ -336,20 +236,46 @@ class REMLStopper:
                 )
         return self.decision
 
-    def _set_kernel(
-        self, H: torch.Tensor, u0: torch.Tensor, spectrum: KernelSpectrum, t_target: float
-    ) -> None:
-        u0 = u0.to(H.device)
-        self._u0 = u0
-        self._mse0 = float(u0 @ u0) / u0.numel()
-        self._Hu0 = H @ u0
-        # lambda-bar from the spectrum, the number the REML root uses (M4), so D = 0 there.
-        self._lam_bar = spectrum.mean_eigenvalue
-        self._t_target = t_target
+    def _load_data(self) -> None:
+        """(X, Y) onto the model's device, and the clock when there is none yet (M2)."""
+        o = self.options
+        X, Y = collect_xy(self._data, batch_to_xy=self._batch_to_xy)
+        n_full = X.shape[0]
+        if o.max_samples is not None and o.max_samples < n_full:
+            X, Y = collect_xy((X, Y), max_samples=o.max_samples, generator=o.seed)
+        device, _ = device_dtype(self.model)
+        self._X = X.to(device)
+        self._Y = as_target_matrix(Y).to(device)
+        if self.clock is None:
+            self.clock = GradientFlowClock(self.optimizer, o.loss, n_total=n_full)
+        self.clock.n_total = n_full
+
+    def resume(self) -> Decision:
+        """After :meth:`load_state_dict`: reload the training data for the checks and keep the
+        saved decision (the parameters have moved, so a new kernel would answer another
+        question). Returns that decision."""
+        if self.decision is None or self._baseline is None:
+            raise RuntimeError("resume() follows load_state_dict(); use start() for a new run.")
+        self._load_data()
+        return self.decision
 
     def _dt_now(self, batch_size_rows: int | None = None) -> float:
-        assert self.clock is not None
+        assert self.clock is not None and self._Y is not None
         return self.clock.dt_per_step(batch_size_rows, n_outputs=int(self._Y.shape[1]))
+
+    def step_time(self, batch_rows: Sequence[int] = ()) -> float:
+        """Δt of the step about to be taken, read before the optimizer moves (M2).
+
+        ``batch_rows``: the rows of each batch accumulated into this step, for sum-reduced
+        losses (empty for mean-reduced ones or full batch). Batches of unequal sizes average
+        their losses, so the step moves like a sum over their mean number of rows.
+        """
+        if self._Y is None:
+            raise RuntimeError("call start() (or resume()) before step_time().")
+        rows = list(batch_rows)
+        if rows and len(set(rows)) > 1:
+            return self._dt_now(1) * (sum(rows) / len(rows))
+        return self._dt_now(rows[0] if rows else None)
 
     # ------------------------------------------------------------------ step
     @property
@@ -358,8 +284,19 @@ class REMLStopper:
 
     @property
     def t_target(self) -> float:
-        """The current target gradient-flow time (t-hat, re-estimated at refreshes)."""
-        return self._t_target
+        """The current stop time in gradient-flow units (re-estimated at refreshes)."""
+        return math.nan if self._kernel is None else self._kernel.t_target
+
+    @property
+    def data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(X, Y) as the stopper reads them (Y as (n, K)), on the model's device; None before
+        start() or resume()."""
+        return None if self._X is None or self._Y is None else (self._X, self._Y)
+
+    @property
+    def spectrum(self) -> KernelSpectrum | None:
+        """The spectrum the rules read now: the initial kernel's, or the last refresh's."""
+        return None if self._kernel is None else self._kernel.spectrum
 
     def step(self, *, dt: float | None = None, batch_size_rows: int | None = None) -> bool:
         """Count one optimizer step and return True when the rule says stop (M2, M4).
@@ -380,9 +317,9 @@ class REMLStopper:
         if self.should_stop:
             return True
         step_dt = self._dt_now(batch_size_rows) if dt is None else float(dt)
-        self.clock.t += step_dt
-        self.clock.steps += 1
+        self.clock.count(step_dt)
         k = self.clock.steps
+        assert self._baseline is not None and self._kernel is not None
 
         o = self.options
         if o.refresh_every_n_steps is not None and k % o.refresh_every_n_steps == 0:
@@ -398,13 +335,12 @@ class REMLStopper:
             D, mse, r_norm2 = self._residual_check()
             if not self.clock.fixed_map:
                 # Loss-matched clock (M2): the time at which the linear flow has this residual.
-                assert self._spectrum is not None
-                t_now = loss_matched_time(
-                    self._spectrum.eigenvalues, self._spectrum.z, r_norm2
-                )  # fmt: skip
+                spectrum = self._kernel.spectrum
+                t_now = loss_matched_time(spectrum.eigenvalues, spectrum.z, r_norm2)
         self.history.append(Check(step=k, t=t_now, D=D, train_mse=mse))
-        if mse is not None and mse > _DIVERGED * self._mse0:
-            self._stop(k, f"diverged: the training MSE rose from {self._mse0:.4g} to {mse:.4g} "
+        mse0 = self._baseline.mse0
+        if mse is not None and mse > _DIVERGED * mse0:
+            self._stop(k, f"diverged: the training MSE rose from {mse0:.4g} to {mse:.4g} "
                           f"by step {k}; lower the learning rate")  # fmt: skip
             warnings.warn(f"remlstop: {self.stopping_reason}.", RuntimeWarning, stacklevel=2)
         elif self.rule == "trajectory":
@@ -412,11 +348,11 @@ class REMLStopper:
                 self._stop(k, f"trajectory rule: D = {D:.3g} <= 0 at step {k}")
         # Under a fixed time map the stop goes to the step nearest t-hat; the loss-matched
         # clock has no step size of its own, so there the first check past t-hat stops.
-        elif t_now + (0.5 * step_dt if self.clock.fixed_map else 0.0) >= self._t_target:
+        elif t_now + (0.5 * step_dt if self.clock.fixed_map else 0.0) >= self._kernel.t_target:
             unstable = " (with an unstable step size: see the warning at start)" \
-                if self._unstable else ""  # fmt: skip
+                if self._baseline.unstable else ""  # fmt: skip
             self._stop(k, f"time rule: t = {t_now:.4g} reached the stop time "
-                          f"{self._t_target:.4g}{unstable}")  # fmt: skip
+                          f"{self._kernel.t_target:.4g}{unstable}")  # fmt: skip
         return self.should_stop
 
     def _residual_check(self) -> tuple[float, float, float]:
@@ -427,8 +363,10 @@ class REMLStopper:
                 "the model's outputs became NaN or inf during training (diverged): lower the "
                 "learning rate."
             )
-        r = (self._Y.to(torch.float64) - f.to(torch.float64)).reshape(-1).to(self._u0.device)
-        D = float(self._Hu0 @ r - self._lam_bar * (self._u0 @ r))
+        base, view = self._baseline, self._kernel
+        assert base is not None and view is not None and self._Y is not None
+        r = (self._Y.to(torch.float64) - f.to(torch.float64)).reshape(-1).to(base.u0.device)
+        D = float(view.Hu0 @ r - view.lam_bar * (base.u0 @ r))
         r_norm2 = float(r @ r)
         return D, r_norm2 / r.numel(), r_norm2
 
@@ -436,13 +374,14 @@ class REMLStopper:
         """Recompute the NTK at the current parameters, record drift, re-estimate t-hat (M6)."""
         H, _ = empirical_ntk(self.model, self._X, chunk_size=self.options.chunk_size,
                              return_info=True)  # fmt: skip
+        base = self._baseline
+        assert base is not None and self.clock is not None
         drift = math.nan
-        if self._H0 is not None:
-            drift = float(torch.linalg.norm(H - self._H0) / torch.linalg.norm(self._H0))
-        spectrum = KernelSpectrum.from_kernel(H, self._u0)
+        if base.H0 is not None:
+            drift = float(torch.linalg.norm(H - base.H0) / torch.linalg.norm(base.H0))
+        spectrum = KernelSpectrum.from_kernel(H, base.u0)
         t_hat = evaluate_criteria(spectrum).fits[self.options.criterion].t
-        self._spectrum = spectrum
-        self._set_kernel(H, self._u0, spectrum, t_hat)
+        self._kernel = KernelView.build(H, base.u0, spectrum, t_hat)
         self.history.append(Check(step=k, t=self.clock.t, drift=drift, t_hat=t_hat))
         logger.info("refresh at step %d: drift %.3g, stop time %.4g", k, drift, t_hat)
         if drift > self.options.drift_threshold:
@@ -469,6 +408,7 @@ class REMLStopper:
         if not self.started:
             return {}
         assert self.clock is not None and self.decision is not None
+        assert self._baseline is not None and self._kernel is not None
         d = self.decision
         return {
             "clock": self.clock.state_dict(),
@@ -476,15 +416,8 @@ class REMLStopper:
             "should_stop": self.should_stop,
             "stop_step": self.stop_step,
             "stopping_reason": self.stopping_reason,
-            "t_target": self._t_target,
-            "lam_bar": self._lam_bar,
-            "u0": self._u0.detach().cpu(),
-            "Hu0": self._Hu0.detach().cpu(),
-            "spectrum0": _spectrum_state(self._spectrum0),
-            "spectrum": _spectrum_state(self._spectrum),
-            "test_spectrum": (None if self._test_spectrum is self._spectrum0
-                              else _spectrum_state(self._test_spectrum)),
-            "H0": None if self._H0 is None else self._H0.detach().cpu(),
+            "baseline": self._baseline.state(),
+            "kernel": self._kernel.state(),
             "decision": {
                 "train": d.train, "target_steps": d.target_steps, "dt_per_step": d.dt_per_step,
                 "kernel_path": d.kernel_path, "n_rows": d.n_rows, "n_outputs": d.n_outputs,
@@ -494,35 +427,28 @@ class REMLStopper:
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict`; ``start()`` then keeps the decision."""
+        """Restore a state saved by :meth:`state_dict`; then call :meth:`resume` (or
+        ``start()``, which resumes) before the next ``step()``."""
         if not state:
             return
-        device, _ = device_dtype(self.model)
-        self.clock = GradientFlowClock(self.optimizer, self.options.loss)
-        self.clock.load_state_dict(state["clock"])
-        self.should_stop = bool(state["should_stop"])
-        self.stop_step = state["stop_step"]
-        self.stopping_reason = state["stopping_reason"]
-        self._t_target = float(state["t_target"])
-        self._lam_bar = float(state["lam_bar"])
-        self._u0 = state["u0"].to(device)
-        self._mse0 = float(self._u0 @ self._u0) / self._u0.numel()
-        self._Hu0 = state["Hu0"].to(device)
-        self._spectrum0 = _spectrum_from_state(state["spectrum0"])
-        self._spectrum = _spectrum_from_state(state["spectrum"])
-        saved_test = state.get("test_spectrum")
-        self._test_spectrum = (self._spectrum0 if saved_test is None
-                               else _spectrum_from_state(saved_test))
-        self._H0 = None if state["H0"] is None else state["H0"].to(device)
         saved = state.get("criterion", "reml")
         if saved != self.options.criterion:
             raise ValueError(
                 f"this state was saved by a stopper with criterion={saved!r}, but this one has "
                 f"criterion={self.options.criterion!r}; resume with the same criterion."
             )
-        criteria = evaluate_criteria(self._spectrum0)
+        device, _ = device_dtype(self.model)
+        self.clock = GradientFlowClock(self.optimizer, self.options.loss)
+        self.clock.load_state_dict(state["clock"])
+        self.should_stop = bool(state["should_stop"])
+        self.stop_step = state["stop_step"]
+        self.stopping_reason = state["stopping_reason"]
+        self._baseline = Baseline.from_state(state["baseline"], device)
+        self._kernel = KernelView.from_state(state["kernel"], device)
+        self._X = self._Y = None
+        criteria = evaluate_criteria(self._baseline.spectrum)
         self.decision = Decision(
-            test=variance_component_test(self._test_spectrum, alpha=self.options.alpha),
+            test=variance_component_test(self._baseline.test_spectrum, alpha=self.options.alpha),
             fit=criteria.fits["reml"],
             criteria=criteria,
             criterion=saved,
@@ -530,7 +456,6 @@ class REMLStopper:
             **state["decision"],
         )
         self.history = [Check(**c) for c in state["history"]]
-        self._restored = True
 
 
 def _covariate_matrix(names: tuple[str, ...], f0: torch.Tensor) -> np.ndarray | None:
@@ -547,19 +472,3 @@ def _covariate_matrix(names: tuple[str, ...], f0: torch.Tensor) -> np.ndarray | 
             # A network that starts at zero output: y - f0 = y already, nothing to project.
             logger.info("test_covariates: f0 is identically zero; no column added for it")
     return np.hstack(columns) if columns else None
-
-
-def _spectrum_state(spectrum: KernelSpectrum) -> dict[str, Any]:
-    return {
-        "eigenvalues": torch.from_numpy(spectrum.eigenvalues.copy()),
-        "z": torch.from_numpy(spectrum.z.copy()),
-        "n_fixed": spectrum.n_fixed,
-        "clipped_mass": spectrum.clipped_mass,
-    }
-
-
-def _spectrum_from_state(state: dict[str, Any]) -> KernelSpectrum:
-    return KernelSpectrum.from_eigen(
-        state["eigenvalues"].numpy(), state["z"].numpy(),
-        n_fixed=state["n_fixed"], clipped_mass=state["clipped_mass"],
-    )  # fmt: skip

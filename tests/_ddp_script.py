@@ -81,7 +81,7 @@ def run(out_dir: str, devices: int, n_train: int) -> None:
         "dt": d.dt_per_step,
         "n_rows": d.n_rows,
         "target_steps": d.target_steps,
-        "data_digest": _digest(callback.stopper._X, callback.stopper._Y),
+        "data_digest": _digest(*callback.stopper.data),
     }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
         json.dump(result, fh)

@@ -21,7 +21,7 @@ from remlstop import (  # noqa: E402
 )
 from remlstop.datasets import paper_simple_function  # noqa: E402
 from remlstop.plotting import plot_decision  # noqa: E402
-from remlstop.stopper import Decision  # noqa: E402
+from remlstop.decision import Decision  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

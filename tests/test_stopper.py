@@ -181,8 +181,8 @@ def test_trajectory_rule_on_a_linearised_network_matches_the_spectrum():
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     stopper = REMLStopper(model, x, y, optimizer=opt, rule="trajectory")
     decision = stopper.start()
-    lam = torch.from_numpy(stopper._spectrum.eigenvalues)
-    z2 = torch.from_numpy(stopper._spectrum.z) ** 2
+    lam = torch.from_numpy(stopper.spectrum.eigenvalues)
+    z2 = torch.from_numpy(stopper.spectrum.z) ** 2
     k_discrete = next(
         k for k in range(1, 5000)
         if float(((lam - lam.mean()) * z2 * (1 - lr * lam) ** k).sum()) <= 0
