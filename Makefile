@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# The pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e ".[lightning,plot,dev]"
+	$(VPY) -m pip install -q -e ".[plot,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -19,6 +19,8 @@ demo: $(STAMP)
 	$(VPY) examples/demo.py
 
 test: $(STAMP)
+	$(VPY) -m ruff check remlstop tests benchmarks examples
+	$(VPY) -m ruff format --check remlstop tests benchmarks examples
 	$(VPY) -m pytest -q
 
 clean:

@@ -45,7 +45,9 @@ def main() -> None:
     rng = np.random.default_rng(1)
     pvalues, methods = [], []
     for _ in range(args.reps):
-        test = variance_component_test(KernelSpectrum.from_eigen(lam, V.T @ rng.standard_normal(480)))
+        test = variance_component_test(
+            KernelSpectrum.from_eigen(lam, V.T @ rng.standard_normal(480))
+        )
         pvalues.append(test.pvalue)
         methods.append(test.method)
     p = np.array(pvalues)
@@ -57,17 +59,30 @@ def main() -> None:
         r = float(np.quantile(draws, 1 - target))
         mc = float(np.mean(draws >= r))
         p_d, fault = davies(lam - r)
-        rows.append((target, r, mc, p_d, fault, saddlepoint(lam - r),
-                     satterthwaite(lam.sum(), lam @ lam, 0.5 * m * r)))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        rows.append(
+            (
+                target,
+                r,
+                mc,
+                p_d,
+                fault,
+                saddlepoint(lam - r),
+                satterthwaite(lam.sum(), lam @ lam, 0.5 * m * r),
+            )
+        )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         "# Variance-component test: calibration",
         "",
-        f"`python benchmarks/calibration.py --reps {args.reps} --draws {args.draws}` at commit {commit}.",
+        f"`python benchmarks/calibration.py --reps {args.reps} --draws {args.draws}` "
+        f"at commit {commit}.",
         "",
         f"Kernel: empirical NTK of the paper's MLP (P = 256,501) at n = 480 Gaussian inputs; "
         f"u0 pure noise, {args.reps} replicates; methods used: "
-        + ", ".join(f"{k} {methods.count(k)}" for k in sorted(set(methods))) + ".",
+        + ", ".join(f"{k} {methods.count(k)}" for k in sorted(set(methods)))
+        + ".",
         "",
         "| alpha | rejection rate | Monte Carlo SE |",
         "|---|---|---|",
@@ -79,7 +94,8 @@ def main() -> None:
         "",
         f"Tail probabilities at a statistic r, against {args.draws:,} Monte Carlo null draws of R:",
         "",
-        "| target p | r | Monte Carlo | Davies (fault) | Davies / MC | saddlepoint / MC | Satterthwaite / MC |",
+        "| target p | r | Monte Carlo | Davies (fault) | Davies / MC | saddlepoint / MC "
+        "| Satterthwaite / MC |",
         "|---|---|---|---|---|---|---|",
     ]
     for target, r, mc, p_d, fault, p_s, p_sat in rows:

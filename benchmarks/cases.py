@@ -97,8 +97,13 @@ def _smooth(rep: int) -> Split:
 def _rough(rep: int) -> Split:
     g = np.random.default_rng(_seed(rep))
     x = g.uniform(-1.0, 1.0, (500, 8))
-    f = (np.sin(4 * np.pi * x[:, 0]) + np.cos(4 * np.pi * x[:, 1]) + 2 * np.abs(x[:, 2])
-         - 2 * np.abs(x[:, 3] - 0.4) + 0.5 * np.sign(x[:, 4]))  # fmt: skip
+    f = (
+        np.sin(4 * np.pi * x[:, 0])
+        + np.cos(4 * np.pi * x[:, 1])
+        + 2 * np.abs(x[:, 2])
+        - 2 * np.abs(x[:, 3] - 0.4)
+        + 0.5 * np.sign(x[:, 4])
+    )
     return _split(x, f + 0.3 * g.standard_normal(500), _seed(rep))
 
 

@@ -57,7 +57,9 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((n, med))
         print(n, {k: round(v, 3) for k, v in med.items()}, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         "# Dense eigh after torch work: thread settings",
         "",
@@ -68,7 +70,8 @@ def main() -> None:
         "`remlstop`: `symmetric_eigh` (all eigenvectors); `projection`: `spectral_projection` "
         "(eigenvalues and V^T u, what the statistics use).",
         "",
-        "| N | numpy default (s) | torch default (s) | remlstop (s) | projection (s) | remlstop threads "
+        "| N | numpy default (s) | torch default (s) | remlstop (s) | projection (s) "
+        "| remlstop threads "
         "| numpy/remlstop | torch/remlstop | remlstop/projection |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

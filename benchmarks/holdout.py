@@ -112,21 +112,32 @@ def train_holdout(model: nn.Module, s: Split, lr: float, steps: int, seed: int) 
     module = _HoldoutModule(model, lr, (s.x_test, s.y_test))
     train_dl = DataLoader(TensorDataset(s.x_train[it], s.y_train[it]), batch_size=len(it))
     val_dl = DataLoader(TensorDataset(s.x_train[iv], s.y_train[iv]), batch_size=len(iv))
-    es10 = RecordingEarlyStopping(monitor="val_mse", mode="min", patience=10,
-                                  check_on_train_epoch_end=True)
-    es100 = EarlyStopping(monitor="val_mse", mode="min", patience=100,
-                          check_on_train_epoch_end=True)
+    es10 = RecordingEarlyStopping(
+        monitor="val_mse", mode="min", patience=10, check_on_train_epoch_end=True
+    )
+    es100 = EarlyStopping(
+        monitor="val_mse", mode="min", patience=100, check_on_train_epoch_end=True
+    )
     trainer = pl.Trainer(
-        max_epochs=steps, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, check_val_every_n_epoch=1, callbacks=[es10, es100],
-    )  # fmt: skip
+        max_epochs=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=1,
+        callbacks=[es10, es100],
+    )
     trainer.fit(module, train_dl, val_dl)
     epochs = len(module.test_hist)
     out = HoldoutRun({}, {}, {}, np.array(module.test_hist), module.train_seconds / max(epochs, 1))
     p100_stopped = es100.stopping_reason != EarlyStoppingReason.NOT_STOPPED
-    for key, stopped in (("p10", es10.triggered_epoch),
-                         ("p100", es100.stopped_epoch if p100_stopped else None)):
+    for key, stopped in (
+        ("p10", es10.triggered_epoch),
+        ("p100", es100.stopped_epoch if p100_stopped else None),
+    ):
         _, state, epoch = module.best[key]
         model.load_state_dict(state)
         rule = f"holdout_{key}"

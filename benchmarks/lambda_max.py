@@ -48,11 +48,16 @@ def main(argv: list[str] | None = None) -> None:
             lams = [lambda_max(case, net, rep) for rep in range(args.reps)]
             n = load_case(case, 0).x_train.shape[0]
             worst[net] = max(worst.get(net, 0.0), max(lams))
-            print(f"| {case} | {net} | {n} | {min(lams):.3f} | {max(lams):.3f} | "
-                  f"{time.perf_counter() - tic:.1f} |", flush=True)
+            print(
+                f"| {case} | {net} | {n} | {min(lams):.3f} | {max(lams):.3f} | "
+                f"{time.perf_counter() - tic:.1f} |",
+                flush=True,
+            )
     for net, lam in worst.items():
-        print(f"{net}: max λ_max = {lam:.3f}; lr for lr·λ_max = {args.margin}: "
-              f"{args.margin / lam:.4f}; lr·λ_max < 1 needs lr < {1 / lam:.4f}")
+        print(
+            f"{net}: max λ_max = {lam:.3f}; lr for lr·λ_max = {args.margin}: "
+            f"{args.margin / lam:.4f}; lr·λ_max < 1 needs lr < {1 / lam:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,11 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         return model, (10,)
     if name == "cnn":
         model = nn.Sequential(
-            nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(),
+            nn.Conv2d(1, 16, 3),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3),
+            nn.ReLU(),
+            nn.Flatten(),
             nn.Linear(16 * 12 * 12, 1),
         )
         return model, (1, 16, 16)
@@ -105,7 +109,9 @@ def measure(model_name: str, method: str, n: int, repeats: int) -> dict[str, flo
     for _ in range(repeats):
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", model_name, method, str(n)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return {
@@ -124,8 +130,14 @@ def baseline_fits(model_name: str, n: int) -> bool:
 def configs(quick: bool) -> list[tuple[str, int]]:
     if quick:
         return [("mlp500", 200), ("mlp3", 100), ("cnn", 100)]
-    return [("mlp500", 480), ("mlp500", 1000), ("mlp500", 2000), ("mlp500", 4000),
-            ("mlp3", 500), ("cnn", 500)]
+    return [
+        ("mlp500", 480),
+        ("mlp500", 1000),
+        ("mlp500", 2000),
+        ("mlp500", 4000),
+        ("mlp3", 500),
+        ("cnn", 500),
+    ]
 
 
 def fmt_gb(b: float | None) -> str:
@@ -141,19 +153,26 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small n only (smoke test)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--large-n", type=int, default=20000, help="n for the one large fast-path run (0: skip)")
-    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "N"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--large-n", type=int, default=20000, help="n for the one large fast-path run (0: skip)"
+    )
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("MODEL", "METHOD", "N"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         model_name, method, n = args.worker
         print(json.dumps(worker(model_name, method, int(n))))
         return
 
-    command = "OMP_NUM_THREADS=%s %s benchmarks/ntk_speed.py %s" % (
-        os.environ.get("OMP_NUM_THREADS", "<unset>"), os.path.relpath(sys.executable), " ".join(sys.argv[1:])
+    command = (
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '<unset>')} "
+        f"{os.path.relpath(sys.executable)} benchmarks/ntk_speed.py {' '.join(sys.argv[1:])}"
     )
     load_start = os.getloadavg()[0]
     rows = []
@@ -161,13 +180,18 @@ def main() -> None:
         model, _ = build_model(model_name)
         P = sum(p.numel() for p in model.parameters())
         result: dict[str, object] = {"model": model_name, "n": n, "P": P}
-        methods = ["layerwise", "generic", "baseline"] if model_name != "cnn" else ["generic", "baseline"]
+        methods = (
+            ["layerwise", "generic", "baseline"] if model_name != "cnn" else ["generic", "baseline"]
+        )
         for method in methods:
             if method == "baseline" and not baseline_fits(model_name, n):
                 result[f"{method}_seconds"] = result[f"{method}_peak_bytes"] = None
                 continue
             m = measure(model_name, method, n, args.repeats)
-            result[f"{method}_seconds"], result[f"{method}_peak_bytes"] = m["seconds"], m["peak_bytes"]
+            result[f"{method}_seconds"], result[f"{method}_peak_bytes"] = (
+                m["seconds"],
+                m["peak_bytes"],
+            )
             print(model_name, n, method, m, flush=True)
         rows.append(result)
     large = None
@@ -180,7 +204,9 @@ def main() -> None:
 
 def write_results(rows, large, args, command, load_start, load_end) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fields = ["model", "n", "P"] + [f"{m}_{q}" for m in ("layerwise", "generic", "baseline") for q in ("seconds", "peak_bytes")]
+    fields = ["model", "n", "P"] + [
+        f"{m}_{q}" for m in ("layerwise", "generic", "baseline") for q in ("seconds", "peak_bytes")
+    ]
     with open(RESULTS / "ntk_speed.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -200,7 +226,7 @@ def write_results(rows, large, args, command, load_start, load_end) -> None:
         "Peak memory = peak RSS of the measuring process (`ru_maxrss`) minus its RSS just before "
         "the call (after building the model and inputs and a warm-up on 8 rows): the extra "
         "memory the call needs, the kernel included. Baseline = `vmap(jacrev)` over all rows + "
-        "`einsum` per parameter, float32; \"—\" = skipped (estimated peak above 12 GB) or not "
+        '`einsum` per parameter, float32; "—" = skipped (estimated peak above 12 GB) or not '
         "applicable (no layerwise path for the CNN). Fast = layerwise path; both library paths "
         "return float64. The models are float32: the generic path holds its Jacobian chunks in "
         "float32 and multiplies them in float32 in groups of 65,536 parameters accumulated in "
@@ -233,7 +259,7 @@ def write_results(rows, large, args, command, load_start, load_end) -> None:
             "",
             f"Fast path at n = {args.large_n} (mlp500, one run): {large['seconds']:.1f} s, "
             f"peak {large['peak_bytes'] / 1e9:.2f} GB (the float64 kernel alone is "
-            f"{args.large_n ** 2 * 8 / 1e9:.2f} GB).",
+            f"{args.large_n**2 * 8 / 1e9:.2f} GB).",
         ]
     (RESULTS / "ntk_speed.md").write_text("\n".join(lines) + "\n")
 

@@ -53,14 +53,19 @@ for p in (ROOT, ROOT / "examples"):
         sys.path.insert(0, str(p))
 
 import lightning.pytorch as pl  # noqa: E402
-
 from lightning_mlp import Regressor  # noqa: E402
+
 from remlstop import REMLStopper  # noqa: E402
 from remlstop.datasets import paper_mlp, paper_simple_function  # noqa: E402
 from remlstop.lightning import REMLEarlyStopping  # noqa: E402
 
-_HOOKS = ("on_train_start", "on_train_batch_start", "on_before_optimizer_step",
-          "on_train_batch_end", "on_train_end")  # fmt: skip
+_HOOKS = (
+    "on_train_start",
+    "on_train_batch_start",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_end",
+)
 
 
 def _timed_hooks(callback) -> dict[str, float]:
@@ -93,10 +98,16 @@ def fit_once(variant: str, seed: int, max_steps: int = -1, batch_size: int = 32)
         spent = _timed_hooks(cb)
         callbacks.append(cb)
     trainer = pl.Trainer(
-        max_epochs=1000, max_steps=max_steps, callbacks=callbacks, accelerator="cpu", devices=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=1000,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
-    )  # fmt: skip
+    )
     tic = time.perf_counter()
     trainer.fit(module, loader)
     seconds = time.perf_counter() - tic
@@ -106,8 +117,11 @@ def fit_once(variant: str, seed: int, max_steps: int = -1, batch_size: int = 32)
         out["decision"] = dict(d.seconds)
         out["kernel_path"] = d.kernel_path
         out["hooks"] = dict(spent)
-        out["hooks_per_step"] = spent["on_before_optimizer_step"] + spent["on_train_batch_end"] \
-            + spent["on_train_batch_start"]  # fmt: skip
+        out["hooks_per_step"] = (
+            spent["on_before_optimizer_step"]
+            + spent["on_train_batch_end"]
+            + spent["on_train_batch_start"]
+        )
     return out
 
 
@@ -147,7 +161,7 @@ def size_table(sizes: list[int], repeats: int, seed: int) -> list[str]:
         plain_loop_once(n, seed, False, k)
         runs: dict[bool, list[dict]] = {True: [], False: []}
         for r in range(repeats):
-            for w in ((True, False) if r % 2 == 0 else (False, True)):
+            for w in (True, False) if r % 2 == 0 else (False, True):
                 res = plain_loop_once(n, seed, w, k)
                 if res["steps"] != k:
                     raise RuntimeError(f"n={n}: ran {res['steps']} steps, expected {k}")
@@ -158,9 +172,11 @@ def size_table(sizes: list[int], repeats: int, seed: int) -> list[str]:
         ker = statistics.median(x["kernel"] for x in runs[True])
         eig = statistics.median(x["eigh"] for x in runs[True])
         step_ms = without_s / k * 1e3
-        rows.append(f"| {n} | {k} | {step_ms:.1f} | {without_s:.2f} | {with_s:.2f} | "
-                    f"{with_s / without_s - 1:+.1%} | {ker:.3f} | {eig:.3f} | {dec:.3f} | "
-                    f"{dec / (step_ms / 1e3):.0f} |")
+        rows.append(
+            f"| {n} | {k} | {step_ms:.1f} | {without_s:.2f} | {with_s:.2f} | "
+            f"{with_s / without_s - 1:+.1%} | {ker:.3f} | {eig:.3f} | {dec:.3f} | "
+            f"{dec / (step_ms / 1e3):.0f} |"
+        )
         print(rows[-1], flush=True)
     return [
         "## Plain loop, full-batch GD, by training-set size",
@@ -188,8 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sizes", type=str, default="480,1000,2000",
-                    help="training-set sizes for the plain-loop table ('' to skip)")
+    ap.add_argument(
+        "--sizes",
+        type=str,
+        default="480,1000,2000",
+        help="training-set sizes for the plain-loop table ('' to skip)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.md")
     args = ap.parse_args(argv)
     if args.repeats < 3:
@@ -211,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = ["with_net", "with_default", "without"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.repeats):
-        order = variants[r % 3:] + variants[: r % 3]
+        order = variants[r % 3 :] + variants[: r % 3]
         for v in order:
             res = fit_once(v, args.seed, max_steps=k if v == "without" else -1)
             if res["steps"] != k:
@@ -249,15 +269,18 @@ def main(argv: list[str] | None = None) -> None:
         "| variant | kernel path | median s | min s | max s | overhead vs without |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    names = {"with_net": 'with `REMLEarlyStopping(model="net")`',
-             "with_default": "with `REMLEarlyStopping()` (default model)",
-             "without": f"without (`max_steps={k}`)"}  # fmt: skip
+    names = {
+        "with_net": 'with `REMLEarlyStopping(model="net")`',
+        "with_default": "with `REMLEarlyStopping()` (default model)",
+        "without": f"without (`max_steps={k}`)",
+    }
     for v in variants:
         secs = [x["seconds"] for x in runs[v]]
         path = runs[v][0].get("kernel_path", "--")
         ovh = "--" if v == "without" else f"{med[v] / base - 1:+.1%}"
-        lines.append(f"| {names[v]} | {path} | {med[v]:.3f} | {min(secs):.3f} | {max(secs):.3f} "
-                     f"| {ovh} |")  # fmt: skip
+        lines.append(
+            f"| {names[v]} | {path} | {med[v]:.3f} | {min(secs):.3f} | {max(secs):.3f} | {ovh} |"
+        )
     lines += [
         "",
         "Overhead = median(with) / median(without) - 1.",
@@ -275,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         hooks = statistics.median(x["hooks_per_step"] for x in runs[v])
         start_hook = statistics.median(x["hooks"]["on_train_start"] for x in runs[v])
         lines.append(
-            f"| {names[v]} | " + " | ".join(f"{s:.4f}" for s in vals)
+            f"| {names[v]} | "
+            + " | ".join(f"{s:.4f}" for s in vals)
             + f" | {total:.3f} | {hooks:.4f} ({hooks / k * 1e3:.3f} ms/step) "
             f"| {start_hook + hooks:.3f} |"
         )

@@ -48,12 +48,17 @@ print(json.dumps({"before_kb": before, "peak_kb": peak}))
 
 
 def measure(n: int, what: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(n), what], capture_output=True,
-                         text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(n), what], capture_output=True, text=True, check=True
+    )
     row = json.loads(out.stdout.strip().splitlines()[-1])
     kernel = n * n * 8
-    row.update(n=n, what=what, kernel_mb=kernel / 2**20,
-               ratio=(row["peak_kb"] - row["before_kb"]) * 1024 / kernel)  # fmt: skip
+    row.update(
+        n=n,
+        what=what,
+        kernel_mb=kernel / 2**20,
+        ratio=(row["peak_kb"] - row["before_kb"]) * 1024 / kernel,
+    )
     return row
 
 
@@ -61,10 +66,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,3000")
     args = parser.parse_args()
-    rows = [measure(int(n), what) for n in args.sizes.split(",")
-            for what in ("start", "kernel+spectrum")]  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
+    rows = [
+        measure(int(n), what)
+        for n in args.sizes.split(",")
+        for what in ("start", "kernel+spectrum")
+    ]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         "# Peak memory of the decision",
         "",
@@ -77,8 +86,9 @@ def main() -> None:
     ]
     for r in rows:
         inc = (r["peak_kb"] - r["before_kb"]) / 1024
-        lines.append(f"| {r['n']} | `{r['what']}` | {r['kernel_mb']:.1f} | {inc:.1f} | "
-                     f"{r['ratio']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['n']} | `{r['what']}` | {r['kernel_mb']:.1f} | {inc:.1f} | {r['ratio']:.2f} |"
+        )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "peak_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -101,12 +101,20 @@ def variants(criteria: list[str]) -> list[Variant]:
     return out
 
 
-def make_stopper(model: nn.Module, s: Split, opt: torch.optim.Optimizer,
-                 v: Variant) -> REMLStopper:
+def make_stopper(model: nn.Module, s: Split, opt: torch.optim.Optimizer, v: Variant) -> REMLStopper:
     """The stopper a user would build; ``criterion=`` only when not the default."""
     extra = {} if v.criterion == "reml" else {"criterion": v.criterion}
-    return REMLStopper(model, s.x_train, s.y_train, optimizer=opt, loss="half_mse", rule=v.rule,
-                       on_insignificant="continue", alpha=ALPHA, **extra)
+    return REMLStopper(
+        model,
+        s.x_train,
+        s.y_train,
+        optimizer=opt,
+        loss="half_mse",
+        rule=v.rule,
+        on_insignificant="continue",
+        alpha=ALPHA,
+        **extra,
+    )
 
 
 def lambda_max(model: nn.Module, x: torch.Tensor) -> float:
@@ -127,8 +135,7 @@ class MainRun:
     step_s: float  # forward + backward + update, per step
 
 
-def train_main(model: nn.Module, s: Split, lr: float, steps: int,
-               vs: list[Variant]) -> MainRun:
+def train_main(model: nn.Module, s: Split, lr: float, steps: int, vs: list[Variant]) -> MainRun:
     """Start every stopper at θ0, then K full-batch GD steps, stepping every live stopper."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     stoppers = {v.name: make_stopper(model, s, opt, v) for v in vs}
@@ -159,8 +166,15 @@ def train_main(model: nn.Module, s: Split, lr: float, steps: int,
             if live[name].step():
                 del live[name]
             hook_s[name] += time.perf_counter() - tic
-    return MainRun(test_mse, train_mse, {n: st.stop_step for n, st in stoppers.items()},
-                   decisions, start_s, hook_s, train_s / max(steps, 1))
+    return MainRun(
+        test_mse,
+        train_mse,
+        {n: st.stop_step for n, st in stoppers.items()},
+        decisions,
+        start_s,
+        hook_s,
+        train_s / max(steps, 1),
+    )
 
 
 def _decision_fields(d: Decision) -> dict:
@@ -168,9 +182,14 @@ def _decision_fields(d: Decision) -> dict:
     crit = getattr(d, "criteria", None)
     fits = getattr(crit, "fits", crit) or {}  # a Criteria object, or a plain mapping
     return dict(
-        pvalue=d.test.pvalue, reject=int(d.test.train), t_hat=d.fit.t, dt=d.dt_per_step,
-        target_steps=d.target_steps, criterion_used=getattr(d, "criterion", "reml"),
-        auto_choice=getattr(crit, "auto_choice", ""), t_target=getattr(d, "t_target", d.fit.t),
+        pvalue=d.test.pvalue,
+        reject=int(d.test.train),
+        t_hat=d.fit.t,
+        dt=d.dt_per_step,
+        target_steps=d.target_steps,
+        criterion_used=getattr(d, "criterion", "reml"),
+        auto_choice=getattr(crit, "auto_choice", ""),
+        t_target=getattr(d, "t_target", d.fit.t),
         misfit=getattr(d, "misfit", math.nan),
         **{f"t_{c}": getattr(fits.get(c), "t", math.nan) for c in CRITERIA},
     )
@@ -180,15 +199,21 @@ def supports_criterion() -> bool:
     """Whether this remlstop's REMLStopper takes ``criterion=`` (the option is new)."""
     net = nn.Linear(1, 1)
     try:
-        REMLStopper(net, torch.zeros(2, 1), torch.zeros(2, 1), criterion="gcv",
-                    optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        REMLStopper(
+            net,
+            torch.zeros(2, 1),
+            torch.zeros(2, 1),
+            criterion="gcv",
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        )
     except TypeError:
         return False
     return True
 
 
-def run_one(case: str, net: str, rep: int, steps: int, criteria: list[str],
-            lr: float) -> tuple[list[dict], dict]:
+def run_one(
+    case: str, net: str, rep: int, steps: int, criteria: list[str], lr: float
+) -> tuple[list[dict], dict]:
     """Every rule on one repetition: rows for the CSV and the curves for the plots."""
     s = load_case(case, rep)
     model = build_net(net, s.x_train.shape[1], 5000 + rep)
@@ -206,17 +231,47 @@ def run_one(case: str, net: str, rep: int, steps: int, criteria: list[str],
     oracle = float(te.min())
     k_star = int(np.argmin(te))
     common = {
-        "case": case, "net": net, "rep": rep, "n_train": s.x_train.shape[0],
-        "n_test": s.x_test.shape[0], "steps_budget": steps, "lr": lr, "horizon_t": steps * lr,
-        "lambda_max": lam0, "lr_lambda_max": lr * lam0, "lr_lambda_max_end": lr * lam_end,
-        "oracle_test_mse": oracle, "oracle_step": k_star, "test_mse_init": float(te[0]),
-        "train_step_s": run.step_s, "holdout_step_s": ho.step_s, "main_s": main_s,
+        "case": case,
+        "net": net,
+        "rep": rep,
+        "n_train": s.x_train.shape[0],
+        "n_test": s.x_test.shape[0],
+        "steps_budget": steps,
+        "lr": lr,
+        "horizon_t": steps * lr,
+        "lambda_max": lam0,
+        "lr_lambda_max": lr * lam0,
+        "lr_lambda_max_end": lr * lam_end,
+        "oracle_test_mse": oracle,
+        "oracle_step": k_star,
+        "test_mse_init": float(te[0]),
+        "train_step_s": run.step_s,
+        "holdout_step_s": ho.step_s,
+        "main_s": main_s,
         "holdout_s": holdout_s,
-    }  # fmt: skip
-    rows = [dict(common, rule="oracle", criterion="oracle", mode="", stop_step=k_star,
-                 trained_steps=steps, capped=int(k_star == steps), test_mse=oracle),
-            dict(common, rule="budget", criterion="budget", mode="", stop_step=steps,
-                 trained_steps=steps, capped=0, test_mse=float(te[steps]))]
+    }
+    rows = [
+        dict(
+            common,
+            rule="oracle",
+            criterion="oracle",
+            mode="",
+            stop_step=k_star,
+            trained_steps=steps,
+            capped=int(k_star == steps),
+            test_mse=oracle,
+        ),
+        dict(
+            common,
+            rule="budget",
+            criterion="budget",
+            mode="",
+            stop_step=steps,
+            trained_steps=steps,
+            capped=0,
+            test_mse=float(te[steps]),
+        ),
+    ]
     stops, decided = {}, {}
     for v in vs:
         d = run.decisions[v.name]
@@ -224,22 +279,52 @@ def run_one(case: str, net: str, rep: int, steps: int, criteria: list[str],
         k_raw = steps if raw is None else raw
         k_dec = k_raw if d.test.train else 0
         stops[v.name], decided[v.name] = k_raw, k_dec
-        extra = dict(_decision_fields(d), criterion=v.criterion, stop_rule=v.rule,
-                     start_s=run.start_s[v.name], hook_s=run.hook_s[v.name])
-        for mode, k, capped in (("raw", k_raw, raw is None),
-                                ("decided", k_dec, raw is None and k_dec > 0)):
+        extra = dict(
+            _decision_fields(d),
+            criterion=v.criterion,
+            stop_rule=v.rule,
+            start_s=run.start_s[v.name],
+            hook_s=run.hook_s[v.name],
+        )
+        for mode, k, capped in (
+            ("raw", k_raw, raw is None),
+            ("decided", k_dec, raw is None and k_dec > 0),
+        ):
             name = v.name if mode == "raw" else f"{v.name}_decided"
-            rows.append(dict(common, **extra, rule=name, mode=mode, stop_step=k,
-                             trained_steps=k, capped=int(capped), test_mse=float(te[k])))
+            rows.append(
+                dict(
+                    common,
+                    **extra,
+                    rule=name,
+                    mode=mode,
+                    stop_step=k,
+                    trained_steps=k,
+                    capped=int(capped),
+                    test_mse=float(te[k]),
+                )
+            )
     for rule in ("holdout_p10", "holdout_p100"):
-        rows.append(dict(common, rule=rule, criterion="holdout", mode="",
-                         stop_step=ho.best_step[rule], trained_steps=ho.trained_steps[rule],
-                         capped=int(ho.trained_steps[rule] >= steps), test_mse=ho.test_at[rule]))
+        rows.append(
+            dict(
+                common,
+                rule=rule,
+                criterion="holdout",
+                mode="",
+                stop_step=ho.best_step[rule],
+                trained_steps=ho.trained_steps[rule],
+                capped=int(ho.trained_steps[rule] >= steps),
+                test_mse=ho.test_at[rule],
+            )
+        )
     for row in rows:
         row["ratio"] = row["test_mse"] / oracle
-    curves = {"test": te, "train": run.train_mse, "ho_test": ho.test_curve,
-              "stops": dict(stops, oracle=k_star, budget=steps, **ho.best_step),
-              "decided": decided}
+    curves = {
+        "test": te,
+        "train": run.train_mse,
+        "ho_test": ho.test_curve,
+        "stops": dict(stops, oracle=k_star, budget=steps, **ho.best_step),
+        "decided": decided,
+    }
     return rows, curves
 
 
@@ -251,13 +336,27 @@ def run_test_only(case: str, net: str, rep: int) -> dict:
     out = {"case": case, "net": net, "rep": rep, "n_train": s.x_train.shape[0]}
     for suffix, cov in (("", None), ("_f0cov", "f0")):
         tic = time.perf_counter()
-        d = REMLStopper(model, s.x_train, s.y_train, optimizer=opt, loss="half_mse",
-                        on_insignificant="continue", alpha=ALPHA, test_covariates=cov).start()
-        out.update({f"pvalue{suffix}": d.test.pvalue, f"reject{suffix}": int(d.test.train),
-                    f"start_s{suffix}": time.perf_counter() - tic})
+        d = REMLStopper(
+            model,
+            s.x_train,
+            s.y_train,
+            optimizer=opt,
+            loss="half_mse",
+            on_insignificant="continue",
+            alpha=ALPHA,
+            test_covariates=cov,
+        ).start()
+        out.update(
+            {
+                f"pvalue{suffix}": d.test.pvalue,
+                f"reject{suffix}": int(d.test.train),
+                f"start_s{suffix}": time.perf_counter() - tic,
+            }
+        )
         if cov is None:
-            out.update(pvalue_method=d.test.method, t_hat=d.fit.t,
-                       misfit=getattr(d, "misfit", math.nan))
+            out.update(
+                pvalue_method=d.test.method, t_hat=d.fit.t, misfit=getattr(d, "misfit", math.nan)
+            )
     return out
 
 
@@ -274,8 +373,9 @@ def _init_worker(threads: int) -> None:
     quiet()
 
 
-def _task(task: tuple[str, str, int], steps: dict[str, int], criteria: list[str],
-          lr: dict[str, float]) -> tuple[list[dict], dict, float]:
+def _task(
+    task: tuple[str, str, int], steps: dict[str, int], criteria: list[str], lr: dict[str, float]
+) -> tuple[list[dict], dict, float]:
     """One (case, net, rep): its CSV rows (each with the run's seconds), curves, seconds."""
     tic = time.perf_counter()
     net = task[1]
@@ -301,8 +401,9 @@ def _parse_lr(spec: str | None) -> dict[str, float]:
     return lr
 
 
-def _pending(csv_path: Path, tasks: list[tuple[str, str, int]], rules: set[str],
-             resume: bool) -> list[tuple[str, str, int]]:
+def _pending(
+    csv_path: Path, tasks: list[tuple[str, str, int]], rules: set[str], resume: bool
+) -> list[tuple[str, str, int]]:
     """Tasks still to run. On resume, a task whose rows miss a requested rule (e.g. a criterion
     added since) is rerun and its old rows dropped, so each (case, net, rep) is one run; rows of
     other tasks are kept as they are."""
@@ -342,26 +443,46 @@ def _run_test_only(path: Path, cases: list[str], nets: list[str], draws: int) ->
 def main(argv: list[str] | None = None) -> None:
     """Run the repetitions that are missing, append them to the CSV, rebuild the report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: paper and noise, both nets, 1 rep, K = {QUICK_STEPS}")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: paper and noise, both nets, 1 rep, K = {QUICK_STEPS}",
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions per cell (default 10)")
-    p.add_argument("--paper-reps", type=int, default=None,
-                   help="repetitions of the paper case (default 20; --reps when that is given)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"horizon K in steps for every net (default: {_per_net(STEPS)})")
+    p.add_argument(
+        "--paper-reps",
+        type=int,
+        default=None,
+        help="repetitions of the paper case (default 20; --reps when that is given)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"horizon K in steps for every net (default: {_per_net(STEPS)})",
+    )
     p.add_argument("--lr", default=None, help=f"per-net lr (default: {_per_net(LR)})")
-    p.add_argument("--criteria", default=",".join(CRITERIA),
-                   help="comma list of REMLStopper criteria (time rule each; 'reml' also gets "
-                        "the trajectory rule)")
+    p.add_argument(
+        "--criteria",
+        default=",".join(CRITERIA),
+        help="comma list of REMLStopper criteria (time rule each; 'reml' also gets "
+        "the trajectory rule)",
+    )
     p.add_argument("--cases", default=None, help=f"comma list from {','.join(CASES)}")
     p.add_argument("--nets", default=None, help=f"comma list from {','.join(NETS)}")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default=None, help="file suffix (default '_quick' with --quick)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep finished repetitions of the CSV and run the rest")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep finished repetitions of the CSV and run the rest",
+    )
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--test-only", action="store_true",
-                   help="only the decision at θ0 over --test-reps draws (no training)")
+    p.add_argument(
+        "--test-only",
+        action="store_true",
+        help="only the decision at θ0 over --test-reps draws (no training)",
+    )
     p.add_argument("--test-reps", type=int, default=200)
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -373,18 +494,27 @@ def main(argv: list[str] | None = None) -> None:
     cases = (args.cases or ("paper,noise" if args.quick else ",".join(CASES))).split(",")
     nets = (args.nets or ",".join(NETS)).split(",")
     criteria = args.criteria.split(",")
-    for name, got, allowed in (("case", cases, CASES), ("net", nets, NETS),
-                               ("criterion", criteria, CRITERIA)):  # fmt: skip
+    for name, got, allowed in (
+        ("case", cases, CASES),
+        ("net", nets, NETS),
+        ("criterion", criteria, CRITERIA),
+    ):
         if bad := [x for x in got if x not in allowed]:
             p.error(f"unknown {name} {bad}; choose from {tuple(allowed)}")
     if criteria != ["reml"] and not supports_criterion():
         p.error("this remlstop's REMLStopper has no criterion= option yet: use --criteria reml")
     reps = args.reps if args.reps is not None else (1 if args.quick else 10)
     # The paper case gets 20 by default; an explicit --reps applies to it too.
-    paper_reps = args.paper_reps if args.paper_reps is not None else (
-        20 if args.reps is None and not args.quick else reps)
-    steps = dict(STEPS) if args.steps is None and not args.quick else dict.fromkeys(
-        NETS, args.steps or QUICK_STEPS)
+    paper_reps = (
+        args.paper_reps
+        if args.paper_reps is not None
+        else (20 if args.reps is None and not args.quick else reps)
+    )
+    steps = (
+        dict(STEPS)
+        if args.steps is None and not args.quick
+        else dict.fromkeys(NETS, args.steps or QUICK_STEPS)
+    )
     lr = _parse_lr(args.lr)
     tag = args.tag if args.tag is not None else ("_quick" if args.quick else "")
     out = Path(args.out)
@@ -392,15 +522,17 @@ def main(argv: list[str] | None = None) -> None:
     csv_path = out / f"stopping_quality{tag}.csv"
     npz_path = out / f"stopping_quality_curves{tag}.npz"
     meta_path = out / f"stopping_quality{tag}.meta.json"
-    command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python "
-               + " ".join(["benchmarks/stopping_quality.py", *(argv or sys.argv[1:])]))
+    command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python " + " ".join(
+        ["benchmarks/stopping_quality.py", *(argv or sys.argv[1:])]
+    )
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
     if args.test_only:
         tic = time.perf_counter()
         _run_test_only(out / f"stopping_quality{tag}_vctest.csv", cases, nets, args.test_reps)
-        log.info("test-only: %d draws in %.1f min", args.test_reps,
-                 (time.perf_counter() - tic) / 60)
+        log.info(
+            "test-only: %d draws in %.1f min", args.test_reps, (time.perf_counter() - tic) / 60
+        )
     if args.report_only or args.test_only:
         write_report(csv_path, out, meta, tag)
         plot_curves(load_curves(npz_path), out, tag)
@@ -409,8 +541,13 @@ def main(argv: list[str] | None = None) -> None:
     rules = {"oracle", "budget", "holdout_p10", "holdout_p100"}
     rules |= {f"{v.name}{m}" for v in variants(criteria) for m in ("", "_decided")}
     # All cells of rep 0 first, then rep 1, ...: a run cut short stays balanced.
-    tasks = [(c, n, rep) for rep in range(max(reps, paper_reps)) for c in cases for n in nets
-             if rep < (paper_reps if c == "paper" else reps)]
+    tasks = [
+        (c, n, rep)
+        for rep in range(max(reps, paper_reps))
+        for c in cases
+        for n in nets
+        if rep < (paper_reps if c == "paper" else reps)
+    ]
     tasks = _pending(csv_path, tasks, rules, args.resume)
     curves = load_curves(npz_path) if args.resume else {}
     if args.resume and meta.get("command"):
@@ -421,8 +558,12 @@ def main(argv: list[str] | None = None) -> None:
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        pool = cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(args.threads,))
+        pool = cf.ProcessPoolExecutor(
+            args.jobs,
+            mp_context=mp.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(args.threads,),
+        )
         task = functools.partial(_task, steps=steps, criteria=criteria, lr=lr)
         results = pool.map(task, tasks)
     else:
@@ -439,22 +580,43 @@ def main(argv: list[str] | None = None) -> None:
                 curves[(case, net)] = cv
                 save_curves(curves, npz_path)
             o = rows[0]  # the oracle's row
-            log.info("%s %s rep %d: %.0f s, p = %.2g, lr·λmax %.2f -> %.2f, oracle %d | %s",
-                     case, net, rep, secs, rows[2]["pvalue"], o["lr_lambda_max"],
-                     o["lr_lambda_max_end"], o["stop_step"],
-                     " ".join(f"{x['rule']}={x['stop_step']}:{x['ratio']:.3f}" for x in rows[1:]
-                              if x["mode"] != "decided"))
+            log.info(
+                "%s %s rep %d: %.0f s, p = %.2g, lr·λmax %.2f -> %.2f, oracle %d | %s",
+                case,
+                net,
+                rep,
+                secs,
+                rows[2]["pvalue"],
+                o["lr_lambda_max"],
+                o["lr_lambda_max_end"],
+                o["stop_step"],
+                " ".join(
+                    f"{x['rule']}={x['stop_step']}:{x['ratio']:.3f}"
+                    for x in rows[1:]
+                    if x["mode"] != "decided"
+                ),
+            )
             wall = prior_wall + time.perf_counter() - start
-            meta = {"command": command, "commit": git_commit(ROOT), "threads": args.threads,
-                    "jobs": args.jobs, "wall_s": wall, "criteria": criteria, "lr": lr,
-                    "steps": steps}
+            meta = {
+                "command": command,
+                "commit": git_commit(ROOT),
+                "threads": args.threads,
+                "jobs": args.jobs,
+                "wall_s": wall,
+                "criteria": criteria,
+                "lr": lr,
+                "steps": steps,
+            }
             meta_path.write_text(json.dumps(meta))
     if args.jobs > 1:
         pool.shutdown()
     write_report(csv_path, out, meta, tag)
     plot_curves(curves, out, tag)
-    log.info("done in %.1f min: %s", (time.perf_counter() - start) / 60,
-             out / f"stopping_quality{tag}.md")
+    log.info(
+        "done in %.1f min: %s",
+        (time.perf_counter() - start) / 60,
+        out / f"stopping_quality{tag}.md",
+    )
 
 
 if __name__ == "__main__":

@@ -16,22 +16,81 @@ if TYPE_CHECKING:
 
 CRITERIA = ("reml", "reml-linear", "reml-power", "gcv", "auto", "average")
 FIELDS = [
-    "case", "net", "rep", "rule", "criterion", "stop_rule", "mode", "stop_step", "trained_steps",
-    "capped", "test_mse", "ratio", "oracle_test_mse", "oracle_step", "test_mse_init", "n_train",
-    "n_test", "steps_budget", "lr", "horizon_t", "dt", "lambda_max", "lr_lambda_max",
-    "lr_lambda_max_end", "pvalue", "reject", "t_hat", "t_target", "target_steps",
-    "criterion_used", "auto_choice", "misfit", *[f"t_{c}" for c in CRITERIA], "start_s", "hook_s",
-    "train_step_s", "holdout_step_s", "main_s", "holdout_s", "run_s",
-]  # fmt: skip
-TEST_FIELDS = ["case", "net", "rep", "n_train", "pvalue", "pvalue_method", "reject",
-               "pvalue_f0cov", "reject_f0cov", "t_hat", "misfit", "start_s", "start_s_f0cov"]
+    "case",
+    "net",
+    "rep",
+    "rule",
+    "criterion",
+    "stop_rule",
+    "mode",
+    "stop_step",
+    "trained_steps",
+    "capped",
+    "test_mse",
+    "ratio",
+    "oracle_test_mse",
+    "oracle_step",
+    "test_mse_init",
+    "n_train",
+    "n_test",
+    "steps_budget",
+    "lr",
+    "horizon_t",
+    "dt",
+    "lambda_max",
+    "lr_lambda_max",
+    "lr_lambda_max_end",
+    "pvalue",
+    "reject",
+    "t_hat",
+    "t_target",
+    "target_steps",
+    "criterion_used",
+    "auto_choice",
+    "misfit",
+    *[f"t_{c}" for c in CRITERIA],
+    "start_s",
+    "hook_s",
+    "train_step_s",
+    "holdout_step_s",
+    "main_s",
+    "holdout_s",
+    "run_s",
+]
+TEST_FIELDS = [
+    "case",
+    "net",
+    "rep",
+    "n_train",
+    "pvalue",
+    "pvalue_method",
+    "reject",
+    "pvalue_f0cov",
+    "reject_f0cov",
+    "t_hat",
+    "misfit",
+    "start_s",
+    "start_s_f0cov",
+]
 BASELINES = ("holdout_p10", "holdout_p100", "budget")
 LOSS_MARGIN = 1.02  # "loses": cell median above the best rule's by more than 2%
 # Stop markers in the curve plots; blue is the test curve's.
-BASELINE_STYLE = {"oracle": ("black", "-"), "budget": ("gray", ":"),
-                  "holdout_p10": ("tab:purple", "--"), "holdout_p100": ("tab:purple", "-.")}
-VARIANT_COLOURS = ("tab:red", "tab:red", "tab:orange", "tab:green", "tab:olive", "tab:cyan",
-                   "tab:pink", "tab:brown")
+BASELINE_STYLE = {
+    "oracle": ("black", "-"),
+    "budget": ("gray", ":"),
+    "holdout_p10": ("tab:purple", "--"),
+    "holdout_p100": ("tab:purple", "-."),
+}
+VARIANT_COLOURS = (
+    "tab:red",
+    "tab:red",
+    "tab:orange",
+    "tab:green",
+    "tab:olive",
+    "tab:cyan",
+    "tab:pink",
+    "tab:brown",
+)
 
 Cell = tuple[str, str]  # (case, net)
 Stats = dict[tuple[str, Cell], dict[str, float]]  # (rule, cell) -> statistics of the ratio
@@ -40,8 +99,9 @@ Stats = dict[tuple[str, Cell], dict[str, float]]  # (rule, cell) -> statistics o
 def git_commit(root: Path) -> str:
     """Short hash of HEAD (the working tree may hold other engineers' uncommitted edits)."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                       text=True).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -79,10 +139,16 @@ def _stats(df: pd.DataFrame, cells: list[Cell], rules: set[str]) -> Stats:
         if rule in rules and (case, net) in cells:
             q = d.ratio.quantile([0.25, 0.5, 0.75]).to_numpy()
             out[rule, (case, net)] = {
-                "n": len(d), "q1": q[0], "med": q[1], "q3": q[2], "mean": d.ratio.mean(),
-                "max": d.ratio.max(), "capped": d.capped.mean(), "stop": d.stop_step.median(),
+                "n": len(d),
+                "q1": q[0],
+                "med": q[1],
+                "q3": q[2],
+                "mean": d.ratio.mean(),
+                "max": d.ratio.max(),
+                "capped": d.capped.mean(),
+                "stop": d.stop_step.median(),
                 "trained": d.trained_steps.median(),
-            }  # fmt: skip
+            }
     return out
 
 
@@ -90,38 +156,61 @@ def _header(df: pd.DataFrame, meta: dict) -> list[str]:
     """Command, commit, wall time, repetitions, lr, horizon, lr·λ_max, and the legend."""
     runs = df[df.rule == "oracle"]
     reps = runs.groupby(["case", "net"]).size()
-    per_net = runs.groupby("net").agg(lr=("lr", "first"), K=("steps_budget", "max"),
-                                      horizon=("horizon_t", "max"), lam=("lr_lambda_max", "max"),
-                                      lam_end=("lr_lambda_max_end", "max"))
-    L = ["# Stopping quality: remlstop's criteria vs holdout vs fixed budget vs oracle\n",
-         f"- command: `{meta.get('command', '?')}`",
-         (f"- git commit: `{meta.get('commit', '?')}` (the working tree may have held uncommitted "
-         "edits by other engineers)"),
-         (f"- wall time of the run(s) that wrote these rows: {meta.get('wall_s', 0) / 60:.1f} min; "
-         f"worker processes {meta.get('jobs', 1)}, torch threads each {meta.get('threads', 1)}"),
-         "- repetitions per cell: " + ", ".join(f"{c}/{n} {reps[c, n]}" for c, n in reps.index)]
+    per_net = runs.groupby("net").agg(
+        lr=("lr", "first"),
+        K=("steps_budget", "max"),
+        horizon=("horizon_t", "max"),
+        lam=("lr_lambda_max", "max"),
+        lam_end=("lr_lambda_max_end", "max"),
+    )
+    L = [
+        "# Stopping quality: remlstop's criteria vs holdout vs fixed budget vs oracle\n",
+        f"- command: `{meta.get('command', '?')}`",
+        (
+            f"- git commit: `{meta.get('commit', '?')}` "
+            "(the working tree may have held uncommitted "
+            "edits by other engineers)"
+        ),
+        (
+            "- wall time of the run(s) that wrote these rows: "
+            f"{meta.get('wall_s', 0) / 60:.1f} min; "
+            f"worker processes {meta.get('jobs', 1)}, torch threads each {meta.get('threads', 1)}"
+        ),
+        "- repetitions per cell: " + ", ".join(f"{c}/{n} {reps[c, n]}" for c, n in reps.index),
+    ]
     for net, r in per_net.iterrows():
-        L.append(f"- {net}: lr {r.lr:g}, horizon K = {r.K:.0f} steps = flow time T = {r.horizon:g} "
-                 f"(Δt = lr per step, METHOD M2); max lr·λ_max(H) at θ0 {r.lam:.2f}, after K "
-                 f"steps {r.lam_end:.2f}")
+        L.append(
+            f"- {net}: lr {r.lr:g}, horizon K = {r.K:.0f} steps = flow time T = {r.horizon:g} "
+            f"(Δt = lr per step, METHOD M2); max lr·λ_max(H) at θ0 {r.lam:.2f}, after K "
+            f"steps {r.lam_end:.2f}"
+        )
     bad = int((runs.lr_lambda_max >= 1).sum())
     L.append(f"- runs with lr·λ_max ≥ 1 at θ0: {bad}" + (" — halve that net's lr" if bad else ""))
-    L += ["", ("Ratio = test MSE at the rule's stop / the oracle's (min over k = 0..K of the same "
-          "run; the holdout rules train their own run on 80% of the rows, so their ratio can be "
-          "below 1). `<criterion>_time`: the `REMLStopper(criterion=..., rule='time')` stop; "
-          "`reml_traj`: `rule='trajectory'`. Raw: `on_insignificant='continue'`; `_decided`: "
-          "step 0 (do not train) when the stopper's variance-component test does not reject at "
-          "α = 0.05. `capped`: the rule never stopped within K (for the oracle: its best step is "
-          "K). Cells are case/net; every statistic over cells weighs cells equally.\n")]
+    L += [
+        "",
+        (
+            "Ratio = test MSE at the rule's stop / the oracle's (min over k = 0..K of the same "
+            "run; the holdout rules train their own run on 80% of the rows, so their ratio can be "
+            "below 1). `<criterion>_time`: the `REMLStopper(criterion=..., rule='time')` stop; "
+            "`reml_traj`: `rule='trajectory'`. Raw: `on_insignificant='continue'`; `_decided`: "
+            "step 0 (do not train) when the stopper's variance-component test does not reject at "
+            "α = 0.05. `capped`: the rule never stopped within K (for the oracle: its best step is "
+            "K). Cells are case/net; every statistic over cells weighs cells equally.\n"
+        ),
+    ]
     return L
 
 
 def _overall(st: Stats, cells: list[Cell], rules: list[str]) -> list[str]:
     """One row per rule, every cell weighing the same."""
-    L = ["## Overall, across cells\n",
-         ("| rule | median of cell medians | worst cell median (cell) | mean of cell means | "
-          "worst run | share capped | cells where best (ties count) |"),
-         "|---|---|---|---|---|---|---|"]
+    L = [
+        "## Overall, across cells\n",
+        (
+            "| rule | median of cell medians | worst cell median (cell) | mean of cell means | "
+            "worst run | share capped | cells where best (ties count) |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     best = {c: min(st[r, c]["med"] for r in rules if (r, c) in st) for c in cells}
     for r in rules:
         mine = [c for c in cells if (r, c) in st]
@@ -131,39 +220,81 @@ def _overall(st: Stats, cells: list[Cell], rules: list[str]) -> list[str]:
         worst, cell = max((st[r, c]["med"], c) for c in mine)
         capped = sum(x["capped"] * x["n"] for x in s) / sum(x["n"] for x in s)
         wins = sum(st[r, c]["med"] <= best[c] + 1e-12 for c in mine)
-        L.append(f"| {r} | {_r(np.median([x['med'] for x in s]))} | {_r(worst)} "
-                 f"({'/'.join(cell)}) | {_r(np.mean([x['mean'] for x in s]))} | "
-                 f"{_r(max(x['max'] for x in s))} | {capped:.2f} | {wins} |")
+        L.append(
+            f"| {r} | {_r(np.median([x['med'] for x in s]))} | {_r(worst)} "
+            f"({'/'.join(cell)}) | {_r(np.mean([x['mean'] for x in s]))} | "
+            f"{_r(max(x['max'] for x in s))} | {capped:.2f} | {wins} |"
+        )
     return L + [""]
+
+
+def _default_choice(st: Stats, cells: list[Cell], decided: list[str]) -> list[str]:
+    """The issue's rule for the default, applied to the time rules as decided: among the
+    criteria whose median of cell medians is within 1% of the best, the best worst cell."""
+    time_rules = [r for r in decided if r.endswith("_time_decided")]
+    summary = {}
+    for r in time_rules:
+        meds = [st[r, c]["med"] for c in cells if (r, c) in st]
+        if len(meds) == len(cells):
+            summary[r] = (float(np.median(meds)), max(meds))
+    if not summary:
+        return []
+    best_median = min(m for m, _ in summary.values())
+    eligible = {r: v for r, v in summary.items() if v[0] <= 1.01 * best_median}
+    choice = min(eligible, key=lambda r: eligible[r][1])
+    L = [
+        "## The default by the stated rule\n",
+        (
+            "Rule (fixed before the run): among the time rules as decided, keep those whose "
+            "median of cell medians is within 1% of the best, and take the one with the best "
+            "worst cell median.\n"
+        ),
+        "| rule | median of cell medians | worst cell median | within 1% |",
+        "|---|---|---|---|",
+    ]
+    for r, (med, worst) in sorted(summary.items(), key=lambda kv: kv[1][1]):
+        L.append(f"| {r} | {_r(med)} | {_r(worst)} | {'yes' if r in eligible else 'no'} |")
+    return L + ["", f"Chosen: **{choice}**.", ""]
 
 
 def _cell_overview(df: pd.DataFrame, cells: list[Cell]) -> list[str]:
     """Per cell: the test, the misfit, t-hat and the oracle."""
-    L = ["## Cells: the decision and the oracle\n",
-         ("Δ = ℓ_linear − ℓ_exp in nats (`decision.misfit`, METHOD M9): large when the paper's "
-         "prior is rejected by the data. t̂: the paper's REML time, in steps.\n"),
-         ("| cell | reps | n train/test | rejection rate | median p | median Δ | median t̂ steps | "
-         "median oracle step | oracle capped |"), "|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        "## Cells: the decision and the oracle\n",
+        (
+            "Δ = ℓ_linear − ℓ_exp in nats (`decision.misfit`, METHOD M9): large when the paper's "
+            "prior is rejected by the data. t̂: the paper's REML time, in steps.\n"
+        ),
+        (
+            "| cell | reps | n train/test | rejection rate | median p | median Δ "
+            "| median t̂ steps | "
+            "median oracle step | oracle capped |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for case, net in cells:
         d = df[(df.case == case) & (df.net == net)]
         o = d[d.rule == "oracle"]
         lib = d[d["mode"] == "raw"].drop_duplicates("rep")
         t_steps = (lib.t_hat / lib.dt).median() if len(lib) else math.nan
-        L.append(f"| {case}/{net} | {len(o)} | {o.n_train.iloc[0]}/{o.n_test.iloc[0]} | "
-                 f"{_r(lib.reject.mean())} | {_g(lib.pvalue.median())} | "
-                 f"{_g(lib.misfit.median())} | {_g(t_steps)} | {o.stop_step.median():.0f} | "
-                 f"{o.capped.mean():.2f} |")
+        L.append(
+            f"| {case}/{net} | {len(o)} | {o.n_train.iloc[0]}/{o.n_test.iloc[0]} | "
+            f"{_r(lib.reject.mean())} | {_g(lib.pvalue.median())} | "
+            f"{_g(lib.misfit.median())} | {_g(t_steps)} | {o.stop_step.median():.0f} | "
+            f"{o.capped.mean():.2f} |"
+        )
     return L + [""]
 
 
 def _median_table(st: Stats, cells: list[Cell], rules: list[str], title: str) -> list[str]:
     """Cells x rules: the median ratio."""
-    L = [f"## {title}\n", "| cell | " + " | ".join(rules) + " |",
-         "|---|" + "---|" * len(rules)]
+    L = [f"## {title}\n", "| cell | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
     for cell in cells:
-        L.append(f"| {'/'.join(cell)} | "
-                 + " | ".join(_r(st[r, cell]["med"]) if (r, cell) in st else "–" for r in rules)
-                 + " |")
+        L.append(
+            f"| {'/'.join(cell)} | "
+            + " | ".join(_r(st[r, cell]["med"]) if (r, cell) in st else "–" for r in rules)
+            + " |"
+        )
     return L + [""]
 
 
@@ -171,23 +302,31 @@ def _detail(st: Stats, cells: list[Cell], rules: list[str]) -> list[str]:
     """Per cell, per rule: the ratio's quartiles, mean, worst, capped share and steps."""
     L = ["## Detail per cell\n"]
     for cell in cells:
-        L += [f"### {'/'.join(cell)}\n",
-              ("| rule | median | Q1 | Q3 | mean | worst | capped | median stop | "
-              "median trained |"), "|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            f"### {'/'.join(cell)}\n",
+            ("| rule | median | Q1 | Q3 | mean | worst | capped | median stop | median trained |"),
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rules:
             if (r, cell) in st:
                 s = st[r, cell]
-                L.append(f"| {r} | {_r(s['med'])} | {_r(s['q1'])} | {_r(s['q3'])} | "
-                         f"{_r(s['mean'])} | {_r(s['max'])} | {s['capped']:.2f} | "
-                         f"{s['stop']:.0f} | {s['trained']:.0f} |")
+                L.append(
+                    f"| {r} | {_r(s['med'])} | {_r(s['q1'])} | {_r(s['q3'])} | "
+                    f"{_r(s['mean'])} | {_r(s['max'])} | {s['capped']:.2f} | "
+                    f"{s['stop']:.0f} | {s['trained']:.0f} |"
+                )
         L.append("")
     return L
 
 
 def _losses(st: Stats, cells: list[Cell], lib: list[str], rules: list[str]) -> list[str]:
     """For each library rule, the cells where some rule's median beats it by > 2%."""
-    L = [(f"## Where each criterion loses to the best rule by more than "
-         f"{(LOSS_MARGIN - 1) * 100:.0f}% (cell medians)\n")]
+    L = [
+        (
+            f"## Where each criterion loses to the best rule by more than "
+            f"{(LOSS_MARGIN - 1) * 100:.0f}% (cell medians)\n"
+        )
+    ]
     for r in lib:
         items = []
         for cell in cells:
@@ -195,19 +334,25 @@ def _losses(st: Stats, cells: list[Cell], lib: list[str], rules: list[str]) -> l
                 continue
             m, b = min((st[x, cell]["med"], x) for x in rules if (x, cell) in st)
             if st[r, cell]["med"] > LOSS_MARGIN * m:
-                items.append(f"{'/'.join(cell)} ({b} {_r(m)} vs {_r(st[r, cell]['med'])}, "
-                             f"+{(st[r, cell]['med'] / m - 1) * 100:.0f}%)")
+                items.append(
+                    f"{'/'.join(cell)} ({b} {_r(m)} vs {_r(st[r, cell]['med'])}, "
+                    f"+{(st[r, cell]['med'] / m - 1) * 100:.0f}%)"
+                )
         L.append(f"- **{r}**: " + ("; ".join(items) if items else "none"))
     return L + [""]
 
 
-def _vs_holdout(df: pd.DataFrame, st: Stats, cells: list[Cell], lib: list[str],
-                ref: str = "holdout_p10") -> list[str]:
+def _vs_holdout(
+    df: pd.DataFrame, st: Stats, cells: list[Cell], lib: list[str], ref: str = "holdout_p10"
+) -> list[str]:
     """Each library rule's cell median over ``ref``'s, with cells and paired reps won/lost."""
     if not any((ref, c) in st for c in cells):
         return []
-    L = [f"## Each criterion vs {ref}: ratio of cell medians (< 1: the criterion is better)\n",
-         "| cell | " + " | ".join(lib) + " |", "|---|" + "---|" * len(lib)]
+    L = [
+        f"## Each criterion vs {ref}: ratio of cell medians (< 1: the criterion is better)\n",
+        "| cell | " + " | ".join(lib) + " |",
+        "|---|" + "---|" * len(lib),
+    ]
     rel: dict[str, list[float]] = {r: [] for r in lib}
     for cell in cells:
         row = []
@@ -224,22 +369,36 @@ def _vs_holdout(df: pd.DataFrame, st: Stats, cells: list[Cell], lib: list[str],
         x = np.array(rel[r])
         pair = wide[[r, ref]].dropna()
         geo = np.exp(np.log(x).mean()) if x.size else math.nan
-        summary.append(f"{(x < 1).sum()}/{(x > 1).sum()} cells; geo-mean {_r(geo)}; "
-                       f"reps {(pair[r] < pair[ref]).sum()}/{(pair[r] > pair[ref]).sum()}")
+        summary.append(
+            f"{(x < 1).sum()}/{(x > 1).sum()} cells; geo-mean {_r(geo)}; "
+            f"reps {(pair[r] < pair[ref]).sum()}/{(pair[r] > pair[ref]).sum()}"
+        )
     L.append("| better/worse | " + " | ".join(summary) + " |")
-    return L + ["", ("Last row: cells where the criterion's median is below / above the "
-                f"{ref} median, the geometric mean of the ratio over cells, and the paired "
-                "repetitions where its test MSE is below / above holdout's.\n")]
+    return L + [
+        "",
+        (
+            "Last row: cells where the criterion's median is below / above the "
+            f"{ref} median, the geometric mean of the ratio over cells, and the paired "
+            "repetitions where its test MSE is below / above holdout's.\n"
+        ),
+    ]
 
 
 def _overhead(df: pd.DataFrame, cells: list[Cell]) -> list[str]:
     """Seconds of start() and step() against the training they decide about."""
-    L = ["## Overhead of the stoppers\n",
-         ("start s: `start()` of the `reml_time` stopper (kernel, spectrum, test, criteria). "
-         "Fraction: start s / (s per GD step × its stop step). Hook: seconds per step in "
-         "`step()` of the trajectory stopper (one forward pass) and of the time stopper.\n"),
-         ("| cell | start s | s/step | reml_time stop | fraction | traj hook s/step | "
-         "time hook s/step | run s |"), "|---|---|---|---|---|---|---|---|"]
+    L = [
+        "## Overhead of the stoppers\n",
+        (
+            "start s: `start()` of the `reml_time` stopper (kernel, spectrum, test, criteria). "
+            "Fraction: start s / (s per GD step × its stop step). Hook: seconds per step in "
+            "`step()` of the trajectory stopper (one forward pass) and of the time stopper.\n"
+        ),
+        (
+            "| cell | start s | s/step | reml_time stop | fraction | traj hook s/step | "
+            "time hook s/step | run s |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for case, net in cells:
         d = df[(df.case == case) & (df.net == net)]
         t, j = d[d.rule == "reml_time"], d[d.rule == "reml_traj"]
@@ -247,10 +406,12 @@ def _overhead(df: pd.DataFrame, cells: list[Cell]) -> list[str]:
             continue
         frac = (t.start_s / (t.train_step_s * t.stop_step.clip(lower=1))).median()
         traj = (j.hook_s / j.stop_step.clip(lower=1)).median() if len(j) else math.nan
-        L.append(f"| {case}/{net} | {_g(t.start_s.median())} | {_g(t.train_step_s.median())} | "
-                 f"{t.stop_step.median():.0f} | {_g(frac)} | {_g(traj)} | "
-                 f"{_g((t.hook_s / t.stop_step.clip(lower=1)).median())} | "
-                 f"{t.run_s.median():.0f} |")
+        L.append(
+            f"| {case}/{net} | {_g(t.start_s.median())} | {_g(t.train_step_s.median())} | "
+            f"{t.stop_step.median():.0f} | {_g(frac)} | {_g(traj)} | "
+            f"{_g((t.hook_s / t.stop_step.clip(lower=1)).median())} | "
+            f"{t.run_s.median():.0f} |"
+        )
     return L + [""]
 
 
@@ -260,18 +421,27 @@ def _test_only(path: Path) -> list[str]:
 
     if not path.exists() or (d := pd.read_csv(path)).empty:
         return []
-    L = ["## The decision alone at θ0, many draws (`--test-only`, no training)\n",
-         ("Rejection rate of the variance-component test (binomial SE in brackets) on u0 = y − f0, "
-         "and with f0 projected off as a covariate (`test_covariates='f0'`), which keeps the "
-         "test's size when y is independent of X (METHOD M6).\n"),
-         ("| case | net | draws | rejection rate | with f0 as covariate | t̂ = 0 rate | "
-         "median Δ |"), "|---|---|---|---|---|---|---|"]
+    L = [
+        "## The decision alone at θ0, many draws (`--test-only`, no training)\n",
+        (
+            "Rejection rate of the variance-component test (binomial SE in brackets) "
+            "on u0 = y − f0, "
+            "and with f0 projected off as a covariate (`test_covariates='f0'`), which keeps the "
+            "test's size when y is independent of X (METHOD M6).\n"
+        ),
+        ("| case | net | draws | rejection rate | with f0 as covariate | t̂ = 0 rate | median Δ |"),
+        "|---|---|---|---|---|---|---|",
+    ]
     for (case, net), x in d.groupby(["case", "net"], sort=False):
-        se = [math.sqrt(max(p * (1 - p), 1e-12) / len(x))
-              for p in (x.reject.mean(), x.reject_f0cov.mean())]
-        L.append(f"| {case} | {net} | {len(x)} | {x.reject.mean():.3f} ({se[0]:.3f}) | "
-                 f"{x.reject_f0cov.mean():.3f} ({se[1]:.3f}) | {(x.t_hat == 0).mean():.2f} | "
-                 f"{_g(x.misfit.median()) if 'misfit' in x else '–'} |")
+        se = [
+            math.sqrt(max(p * (1 - p), 1e-12) / len(x))
+            for p in (x.reject.mean(), x.reject_f0cov.mean())
+        ]
+        L.append(
+            f"| {case} | {net} | {len(x)} | {x.reject.mean():.3f} ({se[0]:.3f}) | "
+            f"{x.reject_f0cov.mean():.3f} ({se[1]:.3f}) | {(x.t_hat == 0).mean():.2f} | "
+            f"{_g(x.misfit.median()) if 'misfit' in x else '–'} |"
+        )
     return L + [""]
 
 
@@ -282,27 +452,32 @@ def write_report(csv_path: Path, out: Path, meta: dict, tag: str = "") -> None:
     if not csv_path.exists() or (df := pd.read_csv(csv_path)).empty:
         return
     if "mode" not in df:
-        raise SystemExit(f"{csv_path} was written by the script before it drove REMLStopper; "
-                         "rerun the benchmark (without --resume) to rebuild it.")
+        raise SystemExit(
+            f"{csv_path} was written by the script before it drove REMLStopper; "
+            "rerun the benchmark (without --resume) to rebuild it."
+        )
     cells = _cells(df)
     lib = _library_rules(df)
     rules = lib + [r for r in BASELINES if r in set(df.rule)]
     st = _stats(df, cells, {"oracle", *rules})
     decided = [r for r in lib if r.endswith("_decided")]
-    L = _header(df, meta) + _overall(st, cells, rules) + _cell_overview(df, cells)
+    L = _header(df, meta) + _overall(st, cells, rules) + _default_choice(st, cells, decided)
+    L += _cell_overview(df, cells)
     L += _median_table(st, cells, decided + list(BASELINES), "Median ratio per cell, as decided")
     L += _median_table(st, cells, [r for r in lib if r not in decided], "Median ratio, raw")
     L += _losses(st, cells, lib, rules) + _vs_holdout(df, st, cells, decided)
     L += _overhead(df, cells) + _test_only(csv_path.with_name(f"{csv_path.stem}_vctest.csv"))
     L += _detail(st, cells, ["oracle", *rules])
-    L.append(f"Figures: `stopping_quality_ratios{tag}.png`, "
-             f"`stopping_quality_curve_<case>{tag}.png`.\n")
+    L.append(
+        f"Figures: `stopping_quality_ratios{tag}.png`, `stopping_quality_curve_<case>{tag}.png`.\n"
+    )
     (out / f"stopping_quality{tag}.md").write_text("\n".join(L))
     plot_ratios(df, cells, rules, out, tag)
 
 
-def plot_ratios(df: pd.DataFrame, cells: list[Cell], rules: list[str], out: Path,
-                tag: str = "") -> None:
+def plot_ratios(
+    df: pd.DataFrame, cells: list[Cell], rules: list[str], out: Path, tag: str = ""
+) -> None:
     """Box plots of the ratio per rule, one panel per case, the networks side by side."""
     import matplotlib
 
@@ -314,8 +489,9 @@ def plot_ratios(df: pd.DataFrame, cells: list[Cell], rules: list[str], out: Path
     nets = list(dict.fromkeys(n for _, n in cells))
     colors = dict(zip(NETS, ("#1f77b4", "#ff7f0e"), strict=True))
     width = 0.8 / len(nets)
-    fig, axes = plt.subplots(len(cases), 1, figsize=(max(8, 0.9 * len(rules)), 3 * len(cases)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(cases), 1, figsize=(max(8, 0.9 * len(rules)), 3 * len(cases)), squeeze=False
+    )
     for ax, case in zip(axes[:, 0], cases, strict=True):
         for j, net in enumerate(nets):
             d = df[(df.case == case) & (df.net == net)]
@@ -324,8 +500,13 @@ def plot_ratios(df: pd.DataFrame, cells: list[Cell], rules: list[str], out: Path
             keep = [i for i, x in enumerate(data) if x.size]
             if not keep:
                 continue
-            bp = ax.boxplot([data[i] for i in keep], positions=[pos[i] for i in keep],
-                            widths=0.9 * width, patch_artist=True, flierprops={"markersize": 3})
+            bp = ax.boxplot(
+                [data[i] for i in keep],
+                positions=[pos[i] for i in keep],
+                widths=0.9 * width,
+                patch_artist=True,
+                flierprops={"markersize": 3},
+            )
             for patch in bp["boxes"]:
                 patch.set(facecolor=colors[net], alpha=0.55)
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
@@ -336,8 +517,11 @@ def plot_ratios(df: pd.DataFrame, cells: list[Cell], rules: list[str], out: Path
         ax.set_xticklabels(rules, fontsize=7, rotation=30, ha="right")
         ax.set_title(CASES[case].label, fontsize=10)
         ax.set_ylabel("test MSE / oracle")
-    axes[0, 0].legend(handles=[matplotlib.patches.Patch(color=colors[n], alpha=0.55, label=n)
-                               for n in nets], fontsize=8, loc="upper left")
+    axes[0, 0].legend(
+        handles=[matplotlib.patches.Patch(color=colors[n], alpha=0.55, label=n) for n in nets],
+        fontsize=8,
+        loc="upper left",
+    )
     fig.tight_layout()
     fig.savefig(out / f"stopping_quality_ratios{tag}.png", dpi=100)
     plt.close(fig)
@@ -364,8 +548,15 @@ def plot_curves(curves: dict, out: Path, tag: str = "") -> None:
                 if row == 0:
                     ax.plot(k, tr, color="tab:blue", lw=1.0, alpha=0.45, label="train MSE")
                 if ho.size:
-                    ax.plot(np.arange(ho.size) + 2, ho, color="tab:purple", lw=0.9, alpha=0.6,
-                            ls="--", label="test MSE, holdout run (80% rows)")
+                    ax.plot(
+                        np.arange(ho.size) + 2,
+                        ho,
+                        color="tab:purple",
+                        lw=0.9,
+                        alpha=0.6,
+                        ls="--",
+                        label="test MSE, holdout run (80% rows)",
+                    )
                 palette = iter(VARIANT_COLOURS)
                 for rule, st in cv["stops"].items():
                     lab = f"{rule}: {st}"
@@ -398,8 +589,9 @@ def save_curves(curves: dict, path: Path) -> None:
     for (case, net), cv in curves.items():
         for key in ("test", "train", "ho_test"):
             flat[f"{case}__{net}__{key}"] = np.asarray(cv[key])
-        flat[f"{case}__{net}__stops"] = np.array(json.dumps({k: cv[k] for k in ("stops",
-                                                                             "decided")}))
+        flat[f"{case}__{net}__stops"] = np.array(
+            json.dumps({k: cv[k] for k in ("stops", "decided")})
+        )
     np.savez_compressed(path, **flat)
 
 

@@ -26,12 +26,11 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning.pytorch as pl
 from remlstop.datasets import paper_mlp, paper_simple_function
 from remlstop.lightning import REMLEarlyStopping
 
@@ -112,10 +111,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     reml = REMLEarlyStopping(loss="half_mse", verbose=True)
     recorder = CurveRecorder(x, y, x_test, y_test)
     trainer = pl.Trainer(
-        max_epochs=args.max_epochs, callbacks=[recorder, reml], accelerator="cpu", devices=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=args.max_epochs,
+        callbacks=[recorder, reml],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
-    )  # fmt: skip
+    )
     tic = time.perf_counter()
     trainer.fit(module, loader)
     fit_seconds = time.perf_counter() - tic
@@ -123,38 +127,53 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     decision = reml.decision
     fit = decision.fit
     print()
-    print(f"decision: {'TRAIN' if decision.train else 'DO NOT TRAIN'} "
-          f"(variance-component test p = {decision.test.pvalue:.3g}); REML t-hat = {fit.t:.4g} "
-          f"gradient-flow time, 95% interval [{fit.interval[0]:.4g}, {fit.interval[1]:.4g}], "
-          f"df = {fit.df:.1f}, sigma2 = {fit.sigma2:.4g}; kernel path {decision.kernel_path}")
-    print(f"  ({decision.target_steps:.0f} steps at the warm-up learning rate of step 0; the "
-          f"clock counts each real step at its own learning rate, about {fit.t / args.lr:.0f} "
-          f"steps at the full rate {args.lr})")  # fmt: skip
+    print(
+        f"decision: {'TRAIN' if decision.train else 'DO NOT TRAIN'} "
+        f"(variance-component test p = {decision.test.pvalue:.3g}); REML t-hat = {fit.t:.4g} "
+        f"gradient-flow time, 95% interval [{fit.interval[0]:.4g}, {fit.interval[1]:.4g}], "
+        f"df = {fit.df:.1f}, sigma2 = {fit.sigma2:.4g}; kernel path {decision.kernel_path}"
+    )
+    print(
+        f"  ({decision.target_steps:.0f} steps at the warm-up learning rate of step 0; the "
+        f"clock counts each real step at its own learning rate, about {fit.t / args.lr:.0f} "
+        f"steps at the full rate {args.lr})"
+    )
     stop = reml.stopped_step
-    print(f"\nhalted at step {stop} (epoch {reml.stopped_epoch}, batch size {args.batch_size}): "
-          f"{reml.stopping_reason_message}")  # fmt: skip
+    print(
+        f"\nhalted at step {stop} (epoch {reml.stopped_epoch}, batch size {args.batch_size}): "
+        f"{reml.stopping_reason_message}"
+    )
     with torch.no_grad():
         test_stop = float(((module(x_test) - y_test) ** 2).mean())
         train_stop = float(((module(x) - y) ** 2).mean())
     steps = np.asarray(recorder.steps)
     test_curve = np.asarray(recorder.test)
     best = int(np.argmin(test_curve))
-    print(f"MSE at the stop: train {train_stop:.4f}, test {test_stop:.4f} "
-          f"(lowest test MSE seen up to the stop: {test_curve[best]:.4f} at step {steps[best]})")
+    print(
+        f"MSE at the stop: train {train_stop:.4f}, test {test_stop:.4f} "
+        f"(lowest test MSE seen up to the stop: {test_curve[best]:.4f} at step {steps[best]})"
+    )
     overhead = sum(decision.seconds.values())
     own = fit_seconds - recorder.seconds
     parts = ", ".join(f"{k} {v:.3f}" for k, v in decision.seconds.items())
-    print(f"wall clock: trainer.fit {fit_seconds:.2f} s, of which remlstop's decision "
-          f"{overhead:.2f} s ({overhead / own:.1%} of the fit without the plot's curve "
-          f"recording, {recorder.seconds:.2f} s); parts: {parts}")  # fmt: skip
+    print(
+        f"wall clock: trainer.fit {fit_seconds:.2f} s, of which remlstop's decision "
+        f"{overhead:.2f} s ({overhead / own:.1%} of the fit without the plot's curve "
+        f"recording, {recorder.seconds:.2f} s); parts: {parts}"
+    )
 
     if not args.no_plot:
         try:
             from remlstop.plotting import plot_decision
 
             path = args.out / "lightning_mlp.png"
-            fig = plot_decision(reml, path=path, train_curve=(steps, np.asarray(recorder.train)),
-                                test_curve=(steps, test_curve), stop_step=stop)  # fmt: skip
+            fig = plot_decision(
+                reml,
+                path=path,
+                train_curve=(steps, np.asarray(recorder.train)),
+                test_curve=(steps, test_curve),
+                stop_step=stop,
+            )
             import matplotlib.pyplot as plt
 
             plt.close(fig)

@@ -91,44 +91,60 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     torch.set_num_threads(args.threads)
 
     rows = []
-    print("seed  p-value   t-hat  REML stop  best step  searched  test half-MSE: stop    best   "
-          "ratio")  # fmt: skip
+    print(
+        "seed  p-value   t-hat  REML stop  best step  searched  test half-MSE: stop    best   ratio"
+    )
     for seed in args.seeds:
         tic = time.perf_counter()
         r = run_seed(seed, args.max_steps)
         rows.append(r)
         if not np.isfinite(r["stop"]):
-            print(f"{seed:4d}  {r['pvalue']:.1e}  {r['t_hat']:6.3f}  REML stop not reached in "
-                  f"{args.max_steps} steps (target {r['target']:.0f}); best so far step "
-                  f"{r['best']} (test half-MSE {r['mse_best']:.4f})")
+            print(
+                f"{seed:4d}  {r['pvalue']:.1e}  {r['t_hat']:6.3f}  REML stop not reached in "
+                f"{args.max_steps} steps (target {r['target']:.0f}); best so far step "
+                f"{r['best']} (test half-MSE {r['mse_best']:.4f})"
+            )
             continue
         searched = f"{r['searched']}{' (cut)' if r['cut'] else ''}"
-        print(f"{seed:4d}  {r['pvalue']:.1e}  {r['t_hat']:6.3f}  {r['stop']:9.0f}  "
-              f"{r['best']:9d}  {searched:>10}  {r['mse_stop']:18.4f}  {r['mse_best']:.4f}  "
-              f"{r['mse_stop'] / r['mse_best']:.4f}   ({time.perf_counter() - tic:.0f} s)")
+        print(
+            f"{seed:4d}  {r['pvalue']:.1e}  {r['t_hat']:6.3f}  {r['stop']:9.0f}  "
+            f"{r['best']:9d}  {searched:>10}  {r['mse_stop']:18.4f}  {r['mse_best']:.4f}  "
+            f"{r['mse_stop'] / r['mse_best']:.4f}   ({time.perf_counter() - tic:.0f} s)"
+        )
     stops = np.array([r["stop"] for r in rows], dtype=float)
     bests = np.array([r["best"] for r in rows], dtype=float)
     ratios = np.array([r["mse_stop"] / r["mse_best"] for r in rows])
     reached = np.isfinite(stops)
     if reached.any():
-        print(f"\nours : REML stop {stops[reached].min():.0f}-{stops[reached].max():.0f} steps, "
-              f"best test step {bests.min():.0f}-{bests.max():.0f}, test half-MSE ratio stop/best "
-              f"{ratios[reached].min():.4f}-{ratios[reached].max():.4f} "
-              f"(median {np.median(ratios[reached]):.4f})")
+        print(
+            f"\nours : REML stop {stops[reached].min():.0f}-{stops[reached].max():.0f} steps, "
+            f"best test step {bests.min():.0f}-{bests.max():.0f}, test half-MSE ratio stop/best "
+            f"{ratios[reached].min():.4f}-{ratios[reached].max():.4f} "
+            f"(median {np.median(ratios[reached]):.4f})"
+        )
     if not reached.all():
-        print(f"\nREML stop not reached within --max-steps {args.max_steps} for "
-              f"{int((~reached).sum())} seed(s); raise --max-steps")
-    print(f"paper: REML stop {PAPER['stop'][0]}-{PAPER['stop'][1]} steps, best test step "
-          f"{PAPER['best'][0]}-{PAPER['best'][1]}, ratio within {PAPER['ratio_max']:.2f}")
+        print(
+            f"\nREML stop not reached within --max-steps {args.max_steps} for "
+            f"{int((~reached).sum())} seed(s); raise --max-steps"
+        )
+    print(
+        f"paper: REML stop {PAPER['stop'][0]}-{PAPER['stop'][1]} steps, best test step "
+        f"{PAPER['best'][0]}-{PAPER['best'][1]}, ratio within {PAPER['ratio_max']:.2f}"
+    )
 
     n = len(rows)
     in_stop = int(np.sum((stops >= PAPER["stop"][0]) & (stops <= PAPER["stop"][1])))
     in_best = int(np.sum((bests >= PAPER["best"][0]) & (bests <= PAPER["best"][1])))
     in_ratio = int(np.sum(ratios <= PAPER["ratio_max"]))
-    print(f"within the paper's ranges: REML stop {in_stop} of {n} seeds; best step {in_best} of "
-          f"{n}; ratio <= {PAPER['ratio_max']} {in_ratio} of {n}"
-          + ("  -> all in range" if min(in_stop, in_best, in_ratio) == n else
-             "  -> not all in range (different seeds and initialisation; nothing tuned)"))
+    print(
+        f"within the paper's ranges: REML stop {in_stop} of {n} seeds; best step {in_best} of "
+        f"{n}; ratio <= {PAPER['ratio_max']} {in_ratio} of {n}"
+        + (
+            "  -> all in range"
+            if min(in_stop, in_best, in_ratio) == n
+            else "  -> not all in range (different seeds and initialisation; nothing tuned)"
+        )
+    )
     if any(r["cut"] for r in rows):
         print("(cut: the search ended once the test error was clearly past its minimum)")
 
@@ -141,8 +157,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for i, r in enumerate(rows):
             c = f"C{i % 10}"
-            ax.plot(np.arange(len(r["curve"])), r["curve"], color=c, lw=1.2,
-                    label=f"seed {r['seed']}")  # fmt: skip
+            ax.plot(
+                np.arange(len(r["curve"])), r["curve"], color=c, lw=1.2, label=f"seed {r['seed']}"
+            )
             if np.isfinite(r["stop"]):
                 ax.axvline(r["stop"], color=c, ls="--", lw=1)
             ax.plot([r["best"]], [r["mse_best"]], "o", color=c, ms=5)

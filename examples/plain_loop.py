@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--out", type=Path, default=HERE / "output", help="folder for the PNG")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1: fastest for this model on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: fastest for this model on a busy machine)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -77,19 +81,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     best = int(np.argmin(test_curve))
     stop_mse = test_curve[stop_step] if stop_step is not None else float("nan")
-    print(f"\ntrained {args.steps} full-batch GD steps (lr {args.lr}) in {seconds:.1f} s; "
-          f"remlstop's decision took {sum(decision.seconds.values()):.2f} s")  # fmt: skip
+    print(
+        f"\ntrained {args.steps} full-batch GD steps (lr {args.lr}) in {seconds:.1f} s; "
+        f"remlstop's decision took {sum(decision.seconds.values()):.2f} s"
+    )
     print("test MSE = mean((f - y)^2) on 120 held-out rows (half-MSE is half of it):")
     if stop_step is None:
-        print(f"  REML stop     : not reached within {args.steps} steps "
-              f"(target {decision.target_steps:.0f} steps)")  # fmt: skip
+        print(
+            f"  REML stop     : not reached within {args.steps} steps "
+            f"(target {decision.target_steps:.0f} steps)"
+        )
     else:
         print(f"  REML stop     : step {stop_step:5d}  test MSE {stop_mse:.4f}")
     print(f"  best in hindsight: step {best:5d}  test MSE {test_curve[best]:.4f}")
     print(f"  fixed budget  : step {args.steps:5d}  test MSE {test_curve[-1]:.4f}")
     ratio = stop_mse / test_curve[best]
-    print(f"  ratio test MSE at REML stop / best = {ratio:.4f}; "
-          f"at the budget / best = {test_curve[-1] / test_curve[best]:.4f}")  # fmt: skip
+    print(
+        f"  ratio test MSE at REML stop / best = {ratio:.4f}; "
+        f"at the budget / best = {test_curve[-1] / test_curve[best]:.4f}"
+    )
 
     try:
         from remlstop.plotting import plot_decision
@@ -99,8 +109,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         try:
             steps = np.arange(args.steps + 1)
             path = args.out / "plain_loop.png"
-            fig = plot_decision(stopper, path=path, train_curve=(steps, train_curve),
-                                test_curve=(steps, test_curve), stop_step=stop_step)  # fmt: skip
+            fig = plot_decision(
+                stopper,
+                path=path,
+                train_curve=(steps, train_curve),
+                test_curve=(steps, test_curve),
+                stop_step=stop_step,
+            )
             import matplotlib.pyplot as plt
 
             plt.close(fig)

@@ -7,13 +7,13 @@ tests whether that component is non-zero (train at all?) and estimates it by REM
 
 from .clock import GradientFlowClock, loss_matched_time
 from .criteria import CRITERIA, Criteria, evaluate_criteria
+from .decision import Decision
 from .gcv import GCVFit, gcv_fit
 from .ntk import empirical_ntk, ntk_trace, ntk_vector_product
 from .options import StopperOptions
 from .priors import PriorFit, fit_prior
 from .reml import REMLFit, profile_loglik, reml_fit
 from .spectrum import KernelSpectrum
-from .decision import Decision
 from .stopper import REMLStopper
 from .vctest import VarianceComponentTest, variance_component_test
 

@@ -30,9 +30,11 @@ def _spectrum_state(spectrum: KernelSpectrum) -> dict[str, Any]:
 
 def _spectrum_from_state(state: dict[str, Any]) -> KernelSpectrum:
     return KernelSpectrum.from_eigen(
-        state["eigenvalues"].numpy(), state["z"].numpy(),
-        n_fixed=state["n_fixed"], clipped_mass=state["clipped_mass"],
-    )  # fmt: skip
+        state["eigenvalues"].numpy(),
+        state["z"].numpy(),
+        n_fixed=state["n_fixed"],
+        clipped_mass=state["clipped_mass"],
+    )
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,11 @@ class KernelView:
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> KernelView:
         return cls(
-            _spectrum_from_state(state["spectrum"]), state["Hu0"].to(device),
-            float(state["lam_bar"]), float(state["t_target"]),
-        )  # fmt: skip
+            _spectrum_from_state(state["spectrum"]),
+            state["Hu0"].to(device),
+            float(state["lam_bar"]),
+            float(state["t_target"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,12 @@ class Baseline:
         return {
             "u0": self.u0.detach().cpu(),
             "spectrum0": _spectrum_state(self.spectrum),
-            "test_spectrum": (None if self.test_spectrum is self.spectrum
-                              else _spectrum_state(self.test_spectrum)),
+            "test_spectrum": (
+                None if self.test_spectrum is self.spectrum else _spectrum_state(self.test_spectrum)
+            ),
             "H0": None if self.H0 is None else self.H0.detach().cpu(),
             "unstable": self.unstable,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> Baseline:

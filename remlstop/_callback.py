@@ -64,8 +64,8 @@ from torch import nn
 
 from .clock import LossSpec
 from .data import collect_xy, default_batch_adapter
-from .options import StopperOptions
 from .decision import Check, Decision
+from .options import StopperOptions
 from .stopper import REMLStopper
 
 __all__ = ["REMLEarlyStoppingBody"]
@@ -95,11 +95,14 @@ def _batch_rows(batch: Any, batch_to_xy: Callable | None) -> int:
 
 def _grad_norm(optimizer: Any) -> float:
     """The total 2-norm of the optimizer's gradients, as ``clip_grad_norm_`` computes it."""
-    grads = [p.grad.detach() for g in optimizer.param_groups for p in g["params"]
-             if p.grad is not None]  # fmt: skip
+    grads = [
+        p.grad.detach() for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+    ]
     if not grads:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )
 
 
 def _trained_batches(trainer: Any, loader: Any) -> Any:
@@ -372,8 +375,10 @@ class REMLEarlyStoppingBody:
             if not stopper.should_stop and steps != trainer.global_step:
                 logger.warning(
                     "REMLEarlyStopping resumed with %d counted steps but trainer.global_step = %d; "
-                    "the stop step will be off by the difference.", steps, trainer.global_step,
-                )  # fmt: skip
+                    "the stop step will be off by the difference.",
+                    steps,
+                    trainer.global_step,
+                )
             if self.verbose:
                 t_now = stopper.clock.t if stopper.clock is not None else 0.0
                 self._log(
@@ -493,8 +498,11 @@ class REMLEarlyStoppingBody:
         self.stopped_epoch = trainer.current_epoch
         if first:
             stopper = self.stopper
-            reason = stopper.stopping_reason if stopper is not None and stopper.stopping_reason \
-                else "another rank's stopper said stop"  # fmt: skip
+            reason = (
+                stopper.stopping_reason
+                if stopper is not None and stopper.stopping_reason
+                else "another rank's stopper said stop"
+            )
             self.stopping_reason_message = (
                 f"REMLEarlyStopping: {reason}. Signaling Trainer to stop."
             )

@@ -26,9 +26,26 @@ from ._ntk_generic import symmetrize_
 
 # Parameter-free modules that act on each row on its own; in eval mode dropout is the identity.
 _ROWWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.Tanhshrink, nn.Identity, nn.Flatten,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Tanhshrink,
+    nn.Identity,
+    nn.Flatten,
     nn.modules.dropout._DropoutNd,
 )
 
@@ -126,18 +143,19 @@ def _layer_features(
     """
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     trainable = [
-        m for m in linears
+        m
+        for m in linears
         if m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad)
     ]
     # Filled chunk by chunk in place: concatenating chunks would hold every factor twice.
     n = x.shape[0]
     inputs = {
         id(m): torch.empty((n, m.in_features), dtype=dtype, device=x.device)
-        for m in trainable if m.weight.requires_grad
-    }  # fmt: skip
-    grads = {
-        id(m): torch.empty((n * K, m.out_features), dtype=dtype, device=x.device)
         for m in trainable
+        if m.weight.requires_grad
+    }
+    grads = {
+        id(m): torch.empty((n * K, m.out_features), dtype=dtype, device=x.device) for m in trainable
     }
     for start in range(0, n, chunk):
         xc = x[start : start + chunk]
@@ -257,6 +275,7 @@ def kernel(
     feats = _layer_features(layers, x, K, chunk, out.dtype)
     n = x.shape[0]
     if x2 is None:
+
         def tile(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
             rows, cols = _slice_features(feats, r0, r1, K), _slice_features(feats, c0, c1, K)
             return _tile(rows, cols, K)
@@ -272,9 +291,7 @@ def kernel(
         _fill_kernel(out, x2.shape[0], n, K, chunk, tile, symmetric=False)
 
 
-def work_bytes(
-    network: nn.Module, n: int, n2: int | None, K: int, rows: int, itemsize: int
-) -> int:
+def work_bytes(network: nn.Module, n: int, n2: int | None, K: int, rows: int, itemsize: int) -> int:
     """Working memory (bytes) of :func:`kernel`: A and G of every trainable Linear for the n
     training (and n2 test) rows, and one Gram tile of ``rows`` rows (see :func:`tile_rows`)."""
     per_row = 0

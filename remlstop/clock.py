@@ -143,7 +143,9 @@ class GradientFlowClock:
         *,
         n_total: int | None = None,
     ) -> None:
-        if n_total is not None and (isinstance(n_total, bool) or int(n_total) != n_total or n_total < 1):
+        if n_total is not None and (
+            isinstance(n_total, bool) or int(n_total) != n_total or n_total < 1
+        ):
             raise ValueError(f"n_total must be a positive integer number of rows; got {n_total!r}.")
         self.optimizer = optimizer
         self.loss = parse_loss(loss)
@@ -227,7 +229,8 @@ class GradientFlowClock:
             )
         if int(rows) != rows or rows < 1 or int(n_outputs) != n_outputs or n_outputs < 1:
             raise ValueError(
-                f"batch_size_rows and n_outputs must be positive integers; got {rows!r}, {n_outputs!r}."
+                "batch_size_rows and n_outputs must be positive integers; got "
+                f"{rows!r}, {n_outputs!r}."
             )
         return int(rows) * int(n_outputs)
 
@@ -362,7 +365,9 @@ def loss_matched_time(eigenvalues: Any, z: Any, residual_norm2: float) -> float:
     lam = _as_float64_vector(eigenvalues, "eigenvalues")
     zz = _as_float64_vector(z, "z")
     if lam.shape != zz.shape:
-        raise ValueError(f"eigenvalues and z must have the same length; got {lam.size} and {zz.size}.")
+        raise ValueError(
+            f"eigenvalues and z must have the same length; got {lam.size} and {zz.size}."
+        )
     if np.any(lam < 0.0):
         raise ValueError(
             f"eigenvalues must be >= 0 (H is PSD); min is {lam.min():.3g}. Clip round-off to 0."
@@ -422,5 +427,6 @@ def continuous_residual_factor(eigenvalues: Any, t: float) -> np.ndarray:
 
 
 def is_discrete_stable(lambda_max: float, dt: float) -> bool:
-    """Whether gradient descent with step Δt is stable on the linearised model: Δt·λ_max < 2 (M2)."""
+    """Whether gradient descent with step Δt is stable on the linearised model (M2):
+    Δt·λ_max < 2."""
     return float(dt) * float(lambda_max) < 2.0

@@ -152,9 +152,7 @@ def evaluate_criteria(spectrum: KernelSpectrum, *, level: float = 0.95) -> Crite
     fits: dict[str, Fit | AveragedFit] = dict(families)
     fits["gcv"] = gcv_fit(spectrum)
     fits["auto"] = families[auto_choice]
-    fits["average"] = _average(
-        {_FAMILY_CRITERIA[n]: f for n, f in families.items()}
-    )  # fmt: skip
+    fits["average"] = _average({_FAMILY_CRITERIA[n]: f for n, f in families.items()})
     return Criteria(
         fits=fits,
         misfit=families["reml-linear"].loglik - families["reml"].loglik,

@@ -158,9 +158,7 @@ def collect_xy(
     if max_samples is not None:
         integer = not isinstance(max_samples, bool) and int(max_samples) == max_samples
         if not integer or max_samples < _MIN_ROWS:
-            raise ValueError(
-                f"max_samples must be an integer >= {_MIN_ROWS}; got {max_samples!r}."
-            )
+            raise ValueError(f"max_samples must be an integer >= {_MIN_ROWS}; got {max_samples!r}.")
         if max_samples < n:
             idx = _subset_rows(n, int(max_samples), generator).to(X.device)
             X, Y = X[idx], Y[idx]

@@ -22,18 +22,29 @@ def paper_simple_function(
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 10, generator=g, dtype=torch.float64)
     signal = 0.2 * (
-        0.5 * x[:, 0] + 0.8 * torch.tanh(x[:, 1]) + torch.sin(x[:, 2]) + 0.6 * x[:, 3]
-        + 0.3 * x[:, 4] ** 2 + 0.05 * torch.exp(x[:, 5]) + torch.cos(x[:, 6])
-        + 0.5 * x[:, 7].abs() + 0.4 * x[:, 8] + 0.7 * torch.sin(x[:, 9])
-    )  # fmt: skip
+        0.5 * x[:, 0]
+        + 0.8 * torch.tanh(x[:, 1])
+        + torch.sin(x[:, 2])
+        + 0.6 * x[:, 3]
+        + 0.3 * x[:, 4] ** 2
+        + 0.05 * torch.exp(x[:, 5])
+        + torch.cos(x[:, 6])
+        + 0.5 * x[:, 7].abs()
+        + 0.4 * x[:, 8]
+        + 0.7 * torch.sin(x[:, 9])
+    )
     y = signal + noise_sd * torch.randn(n, generator=g, dtype=torch.float64)
     x, y = x.float(), y.float().unsqueeze(1)
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
 def paper_mlp(
-    width: int = 500, depth: int = 2, d_in: int = 10, d_out: int = 1,
-    activation: type[nn.Module] = nn.ReLU, seed: int = 0,
+    width: int = 500,
+    depth: int = 2,
+    d_in: int = 10,
+    d_out: int = 1,
+    activation: type[nn.Module] = nn.ReLU,
+    seed: int = 0,
 ) -> nn.Sequential:
     """The paper's MLP: ``depth`` hidden layers of ``width`` units (P = 256,501 at the defaults)."""
     with torch.random.fork_rng():

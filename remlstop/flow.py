@@ -78,9 +78,7 @@ def effective_df(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.
     return float(out) if out.ndim == 0 else out
 
 
-def log_residual_norm2(
-    spectrum: KernelSpectrum, t: float | np.ndarray
-) -> float | np.ndarray:
+def log_residual_norm2(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
     """log ||r_t||^2 = log sum_j z_j^2 exp(-2 t lambda_j): the flow's training residual (M2).
 
     Vectorised over t (flow time)."""

@@ -84,9 +84,11 @@ def gcv_fit(spectrum: KernelSpectrum, *, grid_size: int = 400) -> GCVFit:
     k = int(np.argmin(values))
     a, b = grid[max(k - 1, 0)], grid[min(k + 1, grid_size - 1)]
     res = optimize.minimize_scalar(
-        lambda s: log_gcv(spectrum, math.exp(s)), bounds=(a, b), method="bounded",
+        lambda s: log_gcv(spectrum, math.exp(s)),
+        bounds=(a, b),
+        method="bounded",
         options={"xatol": 1e-10},
-    )  # fmt: skip
+    )
     refined = res.fun <= values[k]
     s_best, v_best = (float(res.x), float(res.fun)) if refined else (grid[k], values[k])
     t_best = math.exp(s_best)

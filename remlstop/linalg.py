@@ -23,7 +23,11 @@ import torch
 from threadpoolctl import threadpool_limits
 
 __all__ = [
-    "available_cpus", "blas_threads", "eigh_threads", "spectral_projection", "symmetric_eigh",
+    "available_cpus",
+    "blas_threads",
+    "eigh_threads",
+    "spectral_projection",
+    "symmetric_eigh",
 ]
 
 
@@ -148,9 +152,9 @@ def spectral_projection(
         # below the subdiagonal of column i; Q^T u applies H(0) first.
         for i in range(n - 1):
             if tau[i] != 0.0:
-                v = packed[i + 1:, i].copy()
+                v = packed[i + 1 :, i].copy()
                 v[0] = 1.0
-                w[i + 1:] -= np.outer(v, tau[i] * (v @ w[i + 1:]))
+                w[i + 1 :] -= np.outer(v, tau[i] * (v @ w[i + 1 :]))
         del packed
         evals, W, info = lapack.dstevd(diag, offdiag, compute_v=1)
         if info != 0:

@@ -57,6 +57,7 @@ _OPERATIONS = {"layerwise": ("kernel", "trace"), "generic": ("kernel", "trace", 
 """What each backend implements: the layer-wise factors give no cheaper products than a vjp
 and a jvp, so products always take the generic backend."""
 
+
 @dataclasses.dataclass(frozen=True)
 class NTKInfo:
     """How a kernel was computed (M1).
@@ -197,11 +198,19 @@ _GB = 1e9
 # (limit, usage, statistics) files of cgroup v2 and v1: inside a container MemAvailable is the
 # host's, and exceeding the container's limit gets the process killed without a message.
 _CGROUP_FILES = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
-     "inactive_file"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
-)  # fmt: skip
+    (
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory.current",
+        "/sys/fs/cgroup/memory.stat",
+        "inactive_file",
+    ),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_inactive_file",
+    ),
+)
 
 
 def _meminfo_available() -> int | None:
@@ -366,8 +375,10 @@ def empirical_ntk(
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}.")
     _check_chunk_size(chunk_size)
     _check_dtype(dtype)
-    for name, value in (("memory_budget_bytes", memory_budget_bytes),
-                        ("memory_limit_bytes", memory_limit_bytes)):  # fmt: skip
+    for name, value in (
+        ("memory_budget_bytes", memory_budget_bytes),
+        ("memory_limit_bytes", memory_limit_bytes),
+    ):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value!r}.")
     budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
@@ -413,9 +424,15 @@ def empirical_ntk(
     info = NTKInfo(backend.path, time.perf_counter() - start, n, K, N, P, rows)
     logger.info(
         "empirical NTK (M1): path=%s n=%d K=%d N=%d P=%d chunk=%d rows in %.3f s%s",
-        info.path, n, K, N, P, rows, info.seconds,
+        info.path,
+        n,
+        K,
+        N,
+        P,
+        rows,
+        info.seconds,
         "" if backend.reason is None else f" (not layerwise: {backend.reason})",
-    )  # fmt: skip
+    )
     return (kernel, info) if return_info else kernel
 
 
@@ -455,8 +472,7 @@ def ntk_vector_product(
         N = n * K
         if v.dim() not in (1, 2) or v.shape[0] != N:
             raise ValueError(
-                f"v must have shape ({N},) or ({N}, m) for N = n·K = {n}·{K}, "
-                f"got {tuple(v.shape)}."
+                f"v must have shape ({N},) or ({N}, m) for N = n·K = {n}·{K}, got {tuple(v.shape)}."
             )
         if not bool(torch.isfinite(v).all()):
             raise ValueError("v contains NaN or infinite values.")

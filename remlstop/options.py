@@ -24,8 +24,12 @@ _TEST_COVARIATES = ("f0", "intercept")
 def _positive_int(value: object, name: str, *, optional: bool = False) -> int | None:
     if optional and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value \
-            or value < 1:  # fmt: skip
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or int(value) != value
+        or value < 1
+    ):
         allowed = "None or an integer >= 1" if optional else "an integer >= 1"
         raise ValueError(f"{name} must be {allowed}, got {value!r}.")
     return int(value)

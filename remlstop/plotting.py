@@ -118,9 +118,10 @@ def _panel_loglik(ax: Any, decision: Decision, to_steps: Any) -> None:
         ax.axvspan(lo, shade_hi, color="C0", alpha=0.12, label=f"{fit.level:.0%} interval")
         steps = f" = {to_steps(fit.t):.0f} steps" if to_steps is not None else ""
         label = (
-            r"$\hat t$ = 0 (boundary: nothing to learn)" if fit.boundary
+            r"$\hat t$ = 0 (boundary: nothing to learn)"
+            if fit.boundary
             else rf"$\hat t$ = {fit.t:.3g}{steps}"
-        )  # fmt: skip
+        )
         ax.axvline(fit.t, color="C3", lw=1.5, label=label, clip_on=False, zorder=5)
         # Keep the cut line and the maximum in view without the far tail squashing them.
         ymax = fit.loglik
@@ -128,8 +129,14 @@ def _panel_loglik(ax: Any, decision: Decision, to_steps: Any) -> None:
         ymin = max(float(np.nanmin(ll)), cut - 4.0 * span)
         ax.set_ylim(ymin - 0.05 * span, ymax + 0.6 * span)
     else:
-        ax.text(0.5, 0.1, r"no finite $\hat t$: $\ell$ rises for ever", transform=ax.transAxes,
-                ha="center", color="C3")  # fmt: skip
+        ax.text(
+            0.5,
+            0.1,
+            r"no finite $\hat t$: $\ell$ rises for ever",
+            transform=ax.transAxes,
+            ha="center",
+            color="C3",
+        )
     ax.set_xlim(t[0], t[-1])
     ax.set_xlabel("gradient-flow time t")
     ax.set_ylabel("profile log-likelihood")
@@ -150,10 +157,21 @@ def _panel_spectrum(ax: Any, decision: Decision) -> None:
     if math.isfinite(fit.t) and fit.t > 0:
         w_hat = np.exp(log_z2_k - fit.t * lam_k)
         ok = w_hat > 1e-300
-        ax.scatter(lam_k[ok], w_hat[ok], s=8, alpha=0.6, color="C3",
-                   label=rf"$w_j(\hat t)$, $\hat t$ = {fit.t:.3g}")  # fmt: skip
-    ax.axvline(fit.mean_eigenvalue, color="C0", ls="--", lw=1,
-               label=rf"$\bar\lambda$ = {fit.mean_eigenvalue:.3g}")  # fmt: skip
+        ax.scatter(
+            lam_k[ok],
+            w_hat[ok],
+            s=8,
+            alpha=0.6,
+            color="C3",
+            label=rf"$w_j(\hat t)$, $\hat t$ = {fit.t:.3g}",
+        )
+    ax.axvline(
+        fit.mean_eigenvalue,
+        color="C0",
+        ls="--",
+        lw=1,
+        label=rf"$\bar\lambda$ = {fit.mean_eigenvalue:.3g}",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(r"eigenvalue $\lambda_j$ of the NTK")
@@ -192,21 +210,38 @@ def _panel_curve(
         drew = True
     lo, hi = decision.fit.interval
     if to_steps is not None and math.isfinite(decision.fit.t) and math.isfinite(hi):
-        ax.axvspan(to_steps(lo), to_steps(hi), color="C3", alpha=0.08,
-                   label=f"{decision.fit.level:.0%} interval (steps)")  # fmt: skip
+        ax.axvspan(
+            to_steps(lo),
+            to_steps(hi),
+            color="C3",
+            alpha=0.08,
+            label=f"{decision.fit.level:.0%} interval (steps)",
+        )
     if stop_step is not None:
         ax.axvline(stop_step, color="C3", lw=1.5, label=f"stop: step {stop_step}")
     elif math.isfinite(decision.target_steps):
-        ax.axvline(decision.target_steps, color="C3", lw=1.5, ls="--",
-                   label=f"target: {decision.target_steps:.0f} steps")  # fmt: skip
+        ax.axvline(
+            decision.target_steps,
+            color="C3",
+            lw=1.5,
+            ls="--",
+            label=f"target: {decision.target_steps:.0f} steps",
+        )
     if drew and max_step > 20 * max(stop_step or decision.target_steps or 1, 1):
         # A long run after an early stop: a log step axis keeps both in view (step 0 dropped).
         ax.set_xscale("log")
         ax.set_xlim(left=1)
     if not drew:
-        ax.text(0.5, 0.5, "no training MSE recorded\n(REMLStopper(track_residual=True) "
-                "records it)", transform=ax.transAxes, ha="center", va="center",
-                fontsize=8, color="0.4")  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            "no training MSE recorded\n(REMLStopper(track_residual=True) records it)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="0.4",
+        )
     else:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
@@ -215,8 +250,13 @@ def _panel_curve(
     ax.legend(fontsize=7, loc="upper right")
 
 
-_CRITERION_COLOURS = {"reml": "C3", "reml-linear": "C0", "reml-power": "C2", "gcv": "C4",
-                      "average": "C5"}  # fmt: skip
+_CRITERION_COLOURS = {
+    "reml": "C3",
+    "reml-linear": "C0",
+    "reml-power": "C2",
+    "gcv": "C4",
+    "average": "C5",
+}
 
 
 def _panel_criteria(ax: Any, decision: Decision, to_steps: Any) -> None:
@@ -226,24 +266,35 @@ def _panel_criteria(ax: Any, decision: Decision, to_steps: Any) -> None:
     fits = decision.criteria.fits
     finite = [f.t for f in fits.values() if math.isfinite(f.t) and f.t > 0]
     if not finite:
-        ax.text(0.5, 0.5, "no criterion has a finite stop time", transform=ax.transAxes,
-                ha="center", va="center", fontsize=8, color="0.4")  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            "no criterion has a finite stop time",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="0.4",
+        )
         return
     t = np.geomspace(min(finite) / 10.0, max(finite) * 10.0, 300)
-    curves = {name: fits[name].risk_at(t) for name in ("reml", "reml-linear", "reml-power")
-              if not fits[name].unbounded}  # fmt: skip
+    curves = {
+        name: fits[name].risk_at(t)
+        for name in ("reml", "reml-linear", "reml-power")
+        if not fits[name].unbounded
+    }
     curves["gcv"] = np.exp(log_gcv(decision.fit.spectrum, t))
     for name, values in curves.items():
         values = np.asarray(values, dtype=float)
-        ax.plot(t, values / np.nanmin(values), color=_CRITERION_COLOURS[name], lw=1.3,
-                label=name)  # fmt: skip
+        ax.plot(t, values / np.nanmin(values), color=_CRITERION_COLOURS[name], lw=1.3, label=name)
     for name, colour in _CRITERION_COLOURS.items():
         fit = fits[name]
         if math.isfinite(fit.t) and fit.t > 0:
             steps = f" ({to_steps(fit.t):.0f} steps)" if to_steps is not None else ""
             mark = "*" if name == decision.criterion else ""
-            ax.axvline(fit.t, color=colour, ls="--", lw=1,
-                       label=f"{mark}{name}: t = {fit.t:.3g}{steps}")  # fmt: skip
+            ax.axvline(
+                fit.t, color=colour, ls="--", lw=1, label=f"{mark}{name}: t = {fit.t:.3g}{steps}"
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("gradient-flow time t")
@@ -299,9 +350,9 @@ def plot_decision(
     _panel_criteria(axes[3], decision, to_steps)
     verdict = "TRAIN" if decision.train else "DO NOT TRAIN"
     fig.suptitle(
-        f"remlstop: {verdict} (p = {decision.test.pvalue:.3g}); "
-        f"{decision.fit.summary()}", fontsize=9,
-    )  # fmt: skip
+        f"remlstop: {verdict} (p = {decision.test.pvalue:.3g}); {decision.fit.summary()}",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     if path is not None:
         out = Path(path)

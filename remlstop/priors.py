@@ -159,9 +159,7 @@ def risk_bracket(spectrum: KernelSpectrum, log1pk: np.ndarray) -> tuple[float, f
     return float(tau.min()), float(tau.max())
 
 
-def minimise_in_log_t(
-    fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float
-) -> float:
+def minimise_in_log_t(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float) -> float:
     """argmin of fn over flow time t in [lo, hi] (0 < lo <= hi): a 200-point grid in log t,
     then a bounded refinement around the best cell (no unimodality assumed). ``fn`` is
     vectorised over t."""
@@ -172,9 +170,11 @@ def minimise_in_log_t(
     k = int(np.argmin(values))
     a, b = s[max(k - 1, 0)], s[min(k + 1, s.size - 1)]
     res = optimize.minimize_scalar(
-        lambda v: float(fn(np.array([math.exp(v)]))[0]), bounds=(a, b), method="bounded",
+        lambda v: float(fn(np.array([math.exp(v)]))[0]),
+        bounds=(a, b),
+        method="bounded",
         options={"xatol": 1e-12},
-    )  # fmt: skip
+    )
     return math.exp(float(res.x)) if res.fun <= values[k] else math.exp(float(s[k]))
 
 
@@ -357,9 +357,11 @@ def fit_prior(spectrum: KernelSpectrum, prior: str, *, level: float = 0.95) -> P
             return -float(_scale_logliks(spectrum, prior, math.exp(p[0]), p[1:])[0])
 
         res = optimize.minimize(
-            neg, np.array([math.log(b_hat), x_hat]), method="Nelder-Mead",
+            neg,
+            np.array([math.log(b_hat), x_hat]),
+            method="Nelder-Mead",
             options={"xatol": 1e-7, "fatol": 1e-10},
-        )  # fmt: skip
+        )
         if -res.fun > l_hat:
             b_hat, x_hat, l_hat = math.exp(float(res.x[0])), float(res.x[1]), float(-res.fun)
     params = _params(prior, x_hat, b_hat, spectrum)
@@ -370,11 +372,14 @@ def fit_prior(spectrum: KernelSpectrum, prior: str, *, level: float = 0.95) -> P
     interval = (math.nan, math.nan)
     if prior != "power":
         ends = _scale_interval(spectrum, prior, b_hat, x_hat, l_hat, level)
-        interval = (stop_time(_params(prior, ends[0], b_hat, spectrum)),
-                    stop_time(_params(prior, ends[1], b_hat, spectrum)))  # fmt: skip
+        interval = (
+            stop_time(_params(prior, ends[0], b_hat, spectrum)),
+            stop_time(_params(prior, ends[1], b_hat, spectrum)),
+        )
     # sigma2 at an infinite scale is its limit, read at the grid's top.
-    x_sigma = min(x_hat, _LOG_SCALE_RANGE[1] - (math.log(spectrum.eigenvalues[-1])
-                                                  if prior == "exp" else 0.0))  # fmt: skip
+    x_sigma = min(
+        x_hat, _LOG_SCALE_RANGE[1] - (math.log(spectrum.eigenvalues[-1]) if prior == "exp" else 0.0)
+    )
     sigma2 = prior_loglik(
         spectrum, log1p_prior_variances(spectrum, prior, _params(prior, x_sigma, b_hat, spectrum))
     )[1]

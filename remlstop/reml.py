@@ -222,10 +222,20 @@ def reml_fit(
 
     if not math.isfinite(t_hat):
         return REMLFit(
-            t=math.inf, boundary=False, converged=False, sigma2=0.0, df=float(m),
-            loglik=math.inf, information=0.0, interval=(0.0, math.inf), decorrelation=0.0,
-            statistic=g0, mean_eigenvalue=lam_bar, level=level, spectrum=spectrum,
-        )  # fmt: skip
+            t=math.inf,
+            boundary=False,
+            converged=False,
+            sigma2=0.0,
+            df=float(m),
+            loglik=math.inf,
+            information=0.0,
+            interval=(0.0, math.inf),
+            decorrelation=0.0,
+            statistic=g0,
+            mean_eigenvalue=lam_bar,
+            level=level,
+            spectrum=spectrum,
+        )
     log_total, g_hat, var_hat = weight_moments(spectrum, t_hat)
     loglik = profile_loglik(spectrum, t_hat)
     # Cov_j(lambda_j, w_j) = (sum w / m) (g-bar - lambda-bar), kept in its exact factored form.

@@ -150,8 +150,7 @@ class REMLStopper:
 
         tic = time.perf_counter()
         with trained_only(self.model, trained):
-            H, info = empirical_ntk(self.model, self._X, chunk_size=o.chunk_size,
-                                    return_info=True)  # fmt: skip
+            H, info = empirical_ntk(self.model, self._X, chunk_size=o.chunk_size, return_info=True)
         seconds["kernel"] = time.perf_counter() - tic
         tic = time.perf_counter()
         spectrum = KernelSpectrum.from_kernel(H, u0)
@@ -210,8 +209,11 @@ class REMLStopper:
         logger.info("%s", self.decision.summary())
         if not test.train:
             if o.on_insignificant == "stop":
-                self._stop(0, "the variance-component test finds no signal to learn "
-                              f"(p = {test.pvalue:.3g} >= alpha = {o.alpha:g})")  # fmt: skip
+                self._stop(
+                    0,
+                    "the variance-component test finds no signal to learn "
+                    f"(p = {test.pvalue:.3g} >= alpha = {o.alpha:g})",
+                )
             elif o.on_insignificant == "warn":
                 warnings.warn(
                     f"the variance-component test finds no signal to learn (p = "
@@ -326,9 +328,7 @@ class REMLStopper:
             self._refresh(k)
         if k % o.check_every_n_steps != 0:
             return False
-        need_residual = (
-            o.track_residual or o.rule == "trajectory" or not self.clock.fixed_map
-        )
+        need_residual = o.track_residual or o.rule == "trajectory" or not self.clock.fixed_map
         D = mse = None
         t_now = self.clock.t
         if need_residual:
@@ -340,8 +340,11 @@ class REMLStopper:
         self.history.append(Check(step=k, t=t_now, D=D, train_mse=mse))
         mse0 = self._baseline.mse0
         if mse is not None and mse > _DIVERGED * mse0:
-            self._stop(k, f"diverged: the training MSE rose from {mse0:.4g} to {mse:.4g} "
-                          f"by step {k}; lower the learning rate")  # fmt: skip
+            self._stop(
+                k,
+                f"diverged: the training MSE rose from {mse0:.4g} to {mse:.4g} "
+                f"by step {k}; lower the learning rate",
+            )
             warnings.warn(f"remlstop: {self.stopping_reason}.", RuntimeWarning, stacklevel=2)
         elif self.rule == "trajectory":
             if D is not None and D <= 0:
@@ -349,10 +352,16 @@ class REMLStopper:
         # Under a fixed time map the stop goes to the step nearest t-hat; the loss-matched
         # clock has no step size of its own, so there the first check past t-hat stops.
         elif t_now + (0.5 * step_dt if self.clock.fixed_map else 0.0) >= self._kernel.t_target:
-            unstable = " (with an unstable step size: see the warning at start)" \
-                if self._baseline.unstable else ""  # fmt: skip
-            self._stop(k, f"time rule: t = {t_now:.4g} reached the stop time "
-                          f"{self._kernel.t_target:.4g}{unstable}")  # fmt: skip
+            unstable = (
+                " (with an unstable step size: see the warning at start)"
+                if self._baseline.unstable
+                else ""
+            )
+            self._stop(
+                k,
+                f"time rule: t = {t_now:.4g} reached the stop time "
+                f"{self._kernel.t_target:.4g}{unstable}",
+            )
         return self.should_stop
 
     def _residual_check(self) -> tuple[float, float, float]:
@@ -372,8 +381,9 @@ class REMLStopper:
 
     def _refresh(self, k: int) -> None:
         """Recompute the NTK at the current parameters, record drift, re-estimate t-hat (M6)."""
-        H, _ = empirical_ntk(self.model, self._X, chunk_size=self.options.chunk_size,
-                             return_info=True)  # fmt: skip
+        H, _ = empirical_ntk(
+            self.model, self._X, chunk_size=self.options.chunk_size, return_info=True
+        )
         base = self._baseline
         assert base is not None and self.clock is not None
         drift = math.nan
@@ -419,12 +429,16 @@ class REMLStopper:
             "baseline": self._baseline.state(),
             "kernel": self._kernel.state(),
             "decision": {
-                "train": d.train, "target_steps": d.target_steps, "dt_per_step": d.dt_per_step,
-                "kernel_path": d.kernel_path, "n_rows": d.n_rows, "n_outputs": d.n_outputs,
+                "train": d.train,
+                "target_steps": d.target_steps,
+                "dt_per_step": d.dt_per_step,
+                "kernel_path": d.kernel_path,
+                "n_rows": d.n_rows,
+                "n_outputs": d.n_outputs,
                 "seconds": dict(d.seconds),
             },
             "history": [asdict(c) for c in self.history],
-        }  # fmt: skip
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`; then call :meth:`resume` (or

@@ -11,8 +11,11 @@ def mlp_kernel(n: int = 120, d: int = 10, width: int = 64, seed: int = 0) -> np.
     """
     torch.manual_seed(seed)
     net = torch.nn.Sequential(
-        torch.nn.Linear(d, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-        torch.nn.ReLU(), torch.nn.Linear(width, 1),
+        torch.nn.Linear(d, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 1),
     ).double()
     x = torch.randn(n, d, dtype=torch.float64)
     params = {k: v.detach() for k, v in net.named_parameters()}

@@ -1,5 +1,6 @@
 """Tests for remlstop.clock (METHOD M2)."""
 
+import dataclasses
 import math
 import warnings
 
@@ -57,7 +58,15 @@ def test_mse_none_reduction_refused():
 
 @pytest.mark.parametrize(
     "loss",
-    ["cross_entropy", "nll", "bce", nn.CrossEntropyLoss(), nn.NLLLoss(), nn.BCELoss(), nn.BCEWithLogitsLoss()],
+    [
+        "cross_entropy",
+        "nll",
+        "bce",
+        nn.CrossEntropyLoss(),
+        nn.NLLLoss(),
+        nn.BCELoss(),
+        nn.BCEWithLogitsLoss(),
+    ],
 )
 def test_classification_refused(loss):
     with pytest.raises(ValueError, match="squared-error.*one-hot.*loss='mse'"):
@@ -79,9 +88,13 @@ def test_dt_per_loss():
     assert GradientFlowClock(_sgd(0.1), "mse").dt_per_step() == pytest.approx(0.2, rel=1e-15)
     half_sum = GradientFlowClock(_sgd(0.1), "half_sum", n_total=50)
     assert half_sum.dt_per_step(n_outputs=2) == pytest.approx(0.1 * 100, rel=1e-15)
-    assert half_sum.dt_per_step(batch_size_rows=8, n_outputs=2) == pytest.approx(0.1 * 16, rel=1e-15)
+    assert half_sum.dt_per_step(batch_size_rows=8, n_outputs=2) == pytest.approx(
+        0.1 * 16, rel=1e-15
+    )
     # mean reduction ignores the batch size: the expected mini-batch update is the full one
-    assert GradientFlowClock(_sgd(0.1), "mse").dt_per_step(batch_size_rows=8, n_outputs=3) == pytest.approx(0.2)
+    assert GradientFlowClock(_sgd(0.1), "mse").dt_per_step(
+        batch_size_rows=8, n_outputs=3
+    ) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="batch_size_rows"):
         GradientFlowClock(_sgd(0.1), "sum").dt_per_step()
 
@@ -185,7 +198,9 @@ def test_momentum_steady_state_matches_factor():
 # --- optimizers without a fixed map, weight decay, param groups ---------------------------------
 
 
-@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad])
+@pytest.mark.parametrize(
+    "cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad]
+)
 def test_adaptive_optimizers_warn_once(cls):
     kwargs = {"weight_decay": 0.0} if cls is torch.optim.AdamW else {}
     opt = cls(_params(), lr=1e-3, **kwargs)
@@ -307,14 +322,18 @@ def test_loss_matched_time_large_t_no_underflow():
     r2 = 1.0 + math.exp(log_excess)  # = 1 in floating point: the limit
     assert loss_matched_time(lam, z, r2) == math.inf
     t = loss_matched_time(lam[1:], z[1:], 1e-100)
-    expected = (2 * math.log(1e200) + 100 * math.log(10)) / 2.0  # z² e^{-2t} = 1e-100 (dominant λ=1)
+    expected = (
+        2 * math.log(1e200) + 100 * math.log(10)
+    ) / 2.0  # z² e^{-2t} = 1e-100 (dominant λ=1)
     assert t == pytest.approx(expected, rel=1e-10)
 
 
 def test_loss_matched_time_subnormal_eigenvalue_terminates():
     # 1/λ overflows for a subnormal λ; the root lies beyond the largest double.
     assert loss_matched_time([5e-324, 0.0], [1.0, 1.0], 1.5) == math.inf
-    assert loss_matched_time([5e-324, 1.0], [1.0, 1.0], 1.5) == pytest.approx(math.log(2) / 2, rel=1e-10)
+    assert loss_matched_time([5e-324, 1.0], [1.0, 1.0], 1.5) == pytest.approx(
+        math.log(2) / 2, rel=1e-10
+    )
     # root near 3e308: 2t overflows before tλ does, which must not fake a root
     assert loss_matched_time([2.8e14, 2.225073858507203e-309], [1.0, 2.0], 1.0) == math.inf
 
@@ -341,7 +360,9 @@ _floats = st.floats(min_value=-1e150, max_value=1e150, allow_nan=False, allow_in
 
 @settings(max_examples=200, deadline=None)
 @given(
-    lam=st.lists(st.floats(min_value=0.0, max_value=1e150, allow_nan=False), min_size=1, max_size=12),
+    lam=st.lists(
+        st.floats(min_value=0.0, max_value=1e150, allow_nan=False), min_size=1, max_size=12
+    ),
     z=st.lists(_floats, min_size=12, max_size=12),
     r2=st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity=False),
 )
@@ -364,7 +385,9 @@ def test_loss_matched_time_never_nan(lam, z, r2):
 
 def test_residual_factors():
     lam = np.array([0.0, 0.5, 2.0])
-    np.testing.assert_allclose(discrete_residual_factor(lam, 0.1, 3), (1 - 0.1 * lam) ** 3, rtol=1e-15)
+    np.testing.assert_allclose(
+        discrete_residual_factor(lam, 0.1, 3), (1 - 0.1 * lam) ** 3, rtol=1e-15
+    )
     np.testing.assert_allclose(continuous_residual_factor(lam, 0.3), np.exp(-0.3 * lam), rtol=1e-15)
     assert is_discrete_stable(10.0, 0.19) and not is_discrete_stable(10.0, 0.2)
 
@@ -403,5 +426,5 @@ def test_lightning_wrapped_sgd_has_fixed_map():
 
 
 def test_lossspec_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         LossSpec("mse", 1.0, "mean").a = 2.0

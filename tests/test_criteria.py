@@ -124,8 +124,12 @@ def test_options_are_validated_once_with_specific_messages():
     with pytest.raises(ValueError, match="max_samples"):
         StopperOptions(max_samples=0)
     with pytest.raises(TypeError, match="fields of StopperOptions"):
-        REMLStopper(torch.nn.Linear(1, 1), None, optimizer=torch.optim.SGD(
-            torch.nn.Linear(1, 1).parameters(), lr=0.1), critrion="gcv")  # fmt: skip
+        REMLStopper(
+            torch.nn.Linear(1, 1),
+            None,
+            optimizer=torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1),
+            critrion="gcv",
+        )
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         REMLStopper(torch.nn.Linear(1, 1), None, optimizer=None)
     assert StopperOptions(rule="trajectory").track_residual is True

@@ -37,7 +37,13 @@ def test_adapter_tensordataset_batch():
 
 @pytest.mark.parametrize(
     "batch",
-    [torch.zeros(3), (torch.zeros(3),), (torch.zeros(3), torch.zeros(3), torch.zeros(3)), {"a": 1}, "xy"],
+    [
+        torch.zeros(3),
+        (torch.zeros(3),),
+        (torch.zeros(3), torch.zeros(3), torch.zeros(3)),
+        {"a": 1},
+        "xy",
+    ],
 )
 def test_adapter_rejects_other_batches(batch):
     with pytest.raises(TypeError, match="batch_to_xy"):
@@ -101,7 +107,9 @@ def test_collect_does_not_disturb_global_rng():
     assert torch.equal(torch.sort(X[:, 0]).values, torch.sort(x[:, 0]).values)
     # and training sees the same shuffle it would have seen without remlstop
     torch.manual_seed(123)
-    reference = torch.cat([b[0] for b in DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True)])
+    reference = torch.cat(
+        [b[0] for b in DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True)]
+    )
     torch.manual_seed(123)
     collect_xy(loader)
     assert torch.equal(torch.cat([b[0] for b in loader]), reference)
@@ -172,7 +180,9 @@ def test_nonfinite_refused(where, bad):
         collect_xy((x, y))
 
 
-@pytest.mark.parametrize("labels", [torch.arange(10), torch.arange(10) % 2 == 0, torch.arange(10).to(torch.int32)])
+@pytest.mark.parametrize(
+    "labels", [torch.arange(10), torch.arange(10) % 2 == 0, torch.arange(10).to(torch.int32)]
+)
 def test_class_labels_refused(labels):
     with pytest.raises(TypeError, match="(?i)class labels.*one-hot.*loss='mse'"):
         collect_xy((torch.randn(10, 2), labels))

@@ -60,8 +60,16 @@ def _data(n_train: int = N_TRAIN, noise: bool = False):
 
 def _module_class(pkg):
     class Regressor(pkg.LightningModule):
-        def __init__(self, lr=0.05, momentum=0.0, optimizer="sgd", schedule=None, loss="half_mse",
-                     n_optimizers=1, skip_odd_batches=False):  # fmt: skip
+        def __init__(
+            self,
+            lr=0.05,
+            momentum=0.0,
+            optimizer="sgd",
+            schedule=None,
+            loss="half_mse",
+            n_optimizers=1,
+            skip_odd_batches=False,
+        ):
             super().__init__()
             torch.manual_seed(0)
             self.net = nn.Sequential(
@@ -95,8 +103,10 @@ def _module_class(pkg):
             if self.opt == "adam":
                 return torch.optim.Adam(self.parameters(), lr=self.lr)
             if self.n_optimizers > 1:
-                return [torch.optim.SGD(self.net[:2].parameters(), lr=self.lr),
-                        torch.optim.SGD(self.net[2:].parameters(), lr=self.lr)]  # fmt: skip
+                return [
+                    torch.optim.SGD(self.net[:2].parameters(), lr=self.lr),
+                    torch.optim.SGD(self.net[2:].parameters(), lr=self.lr),
+                ]
             opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
             if self.schedule is None:
                 return opt
@@ -112,10 +122,16 @@ Regressor = _module_class(pl)
 def _trainer(callbacks, pkg=pl, **kw):
     kw.setdefault("max_epochs", 5000)
     return pkg.Trainer(
-        callbacks=callbacks, accelerator="cpu", devices=1, enable_progress_bar=False,
-        logger=False, enable_checkpointing=False, enable_model_summary=False,
-        num_sanity_val_steps=0, **kw,
-    )  # fmt: skip
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
 
 
 def _loader(x, y, batch_size=N_TRAIN, shuffle=False):
@@ -132,8 +148,15 @@ def _expected_stop(t_hat: float, dts) -> int:
     raise AssertionError("no stop within the schedule")
 
 
-def _fit(lr=0.05, batch_size=N_TRAIN, cb_kwargs=None, trainer_kwargs=None, module_kwargs=None,
-         data=None, shuffle=False):  # fmt: skip
+def _fit(
+    lr=0.05,
+    batch_size=N_TRAIN,
+    cb_kwargs=None,
+    trainer_kwargs=None,
+    module_kwargs=None,
+    data=None,
+    shuffle=False,
+):
     x, y = _data() if data is None else data
     cb = REMLEarlyStopping(**(cb_kwargs or {}))
     model = Regressor(lr=lr, **(module_kwargs or {}))
@@ -185,8 +208,7 @@ def test_gradient_accumulation_counts_optimizer_steps_only():
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
 def test_batches_skipped_by_training_step_returning_none_add_no_time():
     batch_size = 32  # 7 batches per epoch; batches 1, 3, 5 return None and update nothing
-    trainer, cb, _ = _fit(lr=0.05, batch_size=batch_size,
-                          module_kwargs={"skip_odd_batches": True})  # fmt: skip
+    trainer, cb, _ = _fit(lr=0.05, batch_size=batch_size, module_kwargs={"skip_odd_batches": True})
     dt = 2 * A * 0.05
     dts = [0.0 if (k % 7) % 2 else dt for k in range(10_000)]
     expected = _expected_stop(cb.decision.fit.t, dts)
@@ -199,9 +221,11 @@ def test_sum_reduced_loss_scales_time_by_batch_rows():
     batch_size = 40  # equal batches: dt = 2 a lr B per step (M2, sum reduction)
     lr = 0.05 / batch_size
     trainer, cb, _ = _fit(
-        lr=lr, batch_size=batch_size, cb_kwargs={"loss": "half_sum"},
+        lr=lr,
+        batch_size=batch_size,
+        cb_kwargs={"loss": "half_sum"},
         module_kwargs={"loss": "half_sum"},
-    )  # fmt: skip
+    )
     dt = 2 * A * lr * batch_size
     assert trainer.global_step == round(cb.decision.fit.t / dt)
 
@@ -263,9 +287,7 @@ def test_mismatched_trainer_is_refused():
     with pytest.raises(TypeError, match=r"from remlstop\.pytorch_lightning import"):
         _trainer([LightningREMLEarlyStopping()], max_steps=2).fit(Regressor(), _loader(x, y))
     with pytest.raises(TypeError, match=r"from remlstop\.lightning import"):
-        _trainer([REMLEarlyStopping()], pkg=L, max_steps=2).fit(
-            _module_class(L)(), _loader(x, y)
-        )  # fmt: skip
+        _trainer([REMLEarlyStopping()], pkg=L, max_steps=2).fit(_module_class(L)(), _loader(x, y))
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -285,11 +307,14 @@ def test_resume_from_checkpoint_stops_on_the_same_step(tmp_path, how):
         cb_full = REMLEarlyStopping()
         ckpt_cb = pl.callbacks.ModelCheckpoint(
             dirpath=tmp_path, every_n_train_steps=20, save_top_k=-1, filename="{step}"
-        )  # fmt: skip
+        )
         full = pl.Trainer(
-            callbacks=[cb_full, ckpt_cb], max_epochs=5000, enable_progress_bar=False,
-            logger=False, enable_model_summary=False,
-        )  # fmt: skip
+            callbacks=[cb_full, ckpt_cb],
+            max_epochs=5000,
+            enable_progress_bar=False,
+            logger=False,
+            enable_model_summary=False,
+        )
         full.fit(Regressor(lr=0.05), _loader(x, y))
         stop = full.global_step
         ckpt, saved_step = tmp_path / "step=40.ckpt", 40
@@ -322,10 +347,19 @@ def test_ddp_two_processes_stop_on_the_same_step_as_one(tmp_path):
             _ddp_script.run(str(out), 1, n_train)
         else:
             proc = subprocess.run(
-                [sys.executable, str(ROOT / "tests" / "_ddp_script.py"), str(out), str(devices),
-                 str(n_train)],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    str(ROOT / "tests" / "_ddp_script.py"),
+                    str(out),
+                    str(devices),
+                    str(n_train),
+                ],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
             assert proc.returncode == 0, proc.stderr[-4000:]
         results[devices] = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     (single,) = results[1]
@@ -354,7 +388,7 @@ def test_step_interval_lr_scheduler_changes_the_stop_as_the_clock_says():
     assert trainer.global_step == expected
     assert cb.stopper.clock.t == pytest.approx(
         sum(2 * A * lr * schedule(k) for k in range(expected))
-    )  # fmt: skip
+    )
 
 
 def test_sgd_momentum_counts_the_transient():
@@ -373,8 +407,9 @@ def test_sgd_momentum_counts_the_transient():
 
 def test_adam_warns_and_still_stops():
     with pytest.warns(RuntimeWarning, match="no fixed map"):
-        trainer, cb, _ = _fit(lr=1e-3, module_kwargs={"optimizer": "adam"},
-                              trainer_kwargs={"max_steps": 3000})  # fmt: skip
+        trainer, cb, _ = _fit(
+            lr=1e-3, module_kwargs={"optimizer": "adam"}, trainer_kwargs={"max_steps": 3000}
+        )
     assert cb.stopper.should_stop and 0 < trainer.global_step < 3000
     assert trainer.global_step == cb.stopper.stop_step
     # the loss-matched clock (M2): the matched time at the stop reached t-hat, a step before not
@@ -418,8 +453,9 @@ def test_training_identical_with_and_without_the_callback():
     """Same seed: parameters and optimizer state match a plain run to the same step."""
     pl.seed_everything(7, workers=True)
     x, y = _data()
-    with_cb, cb, model_cb = _fit(lr=0.05, batch_size=32, shuffle=True,
-                                 module_kwargs={"momentum": 0.5}, data=(x, y))  # fmt: skip
+    with_cb, cb, model_cb = _fit(
+        lr=0.05, batch_size=32, shuffle=True, module_kwargs={"momentum": 0.5}, data=(x, y)
+    )
     stop = with_cb.global_step
     assert stop == cb.stopper.stop_step
     pl.seed_everything(7, workers=True)
@@ -459,9 +495,7 @@ def test_test_covariates_reach_the_stopper():
 def test_several_optimizers_are_refused():
     x, y = _data()
     with pytest.raises(ValueError, match="exactly one optimizer"):
-        _trainer([REMLEarlyStopping()], max_steps=2).fit(
-            Regressor(n_optimizers=2), _loader(x, y)
-        )  # fmt: skip
+        _trainer([REMLEarlyStopping()], max_steps=2).fit(Regressor(n_optimizers=2), _loader(x, y))
 
 
 @pytest.mark.filterwarnings("ignore:Total length of")
@@ -476,11 +510,11 @@ def test_targets_of_the_wrong_shape_are_refused():
     with pytest.raises(ValueError, match="targets have shape"):
         _trainer([REMLEarlyStopping(data=(x, y.repeat(1, 2)))], max_steps=2).fit(
             Regressor(), _loader(x, y)
-        )  # fmt: skip
+        )
     with pytest.raises(TypeError, match="class labels"):
         _trainer([REMLEarlyStopping(data=(x, y.long()))], max_steps=2).fit(
             Regressor(), _loader(x, y)
-        )  # fmt: skip
+        )
 
 
 def test_custom_batches_need_batch_to_xy():
@@ -506,8 +540,10 @@ def test_import_errors_name_the_pip_command(monkeypatch):
     import pickle
 
     assert pickle.loads(pickle.dumps(REMLEarlyStopping(alpha=0.01))).__class__ is REMLEarlyStopping
-    for module, pip in (("lightning", "pip install lightning"),
-                        ("pytorch_lightning", "pip install pytorch-lightning")):  # fmt: skip
+    for module, pip in (
+        ("lightning", "pip install lightning"),
+        ("pytorch_lightning", "pip install pytorch-lightning"),
+    ):
         package = "lightning.pytorch" if module == "lightning" else "pytorch_lightning"
         monkeypatch.setitem(sys.modules, package, None)
         monkeypatch.delitem(sys.modules, f"remlstop.{module}", raising=False)
@@ -523,6 +559,7 @@ def test_options_are_validated_at_construction():
         REMLEarlyStopping(patience=10)
     assert "criterion='gcv'" in repr(REMLEarlyStopping(criterion="gcv"))
 
+
 # --------------------------------------------------------------- clipping and limits
 class _GradNorms(pl.Callback):
     """Records the total gradient norm before Lightning clips it."""
@@ -532,8 +569,11 @@ class _GradNorms(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.norms.append(float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in grads]))))  # fmt: skip
+        self.norms.append(
+            float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
+        )
 
 
 def test_norm_clipping_is_counted_as_a_smaller_step():
@@ -553,8 +593,12 @@ def test_norm_clipping_is_counted_as_a_smaller_step():
 def test_value_clipping_warns():
     x, y = _data()
     with pytest.warns(RuntimeWarning, match="gradient_clip_algorithm='value'"):
-        _trainer([REMLEarlyStopping()], gradient_clip_val=0.01, gradient_clip_algorithm="value",
-                 max_steps=3).fit(Regressor(), _loader(x, y))  # fmt: skip
+        _trainer(
+            [REMLEarlyStopping()],
+            gradient_clip_val=0.01,
+            gradient_clip_algorithm="value",
+            max_steps=3,
+        ).fit(Regressor(), _loader(x, y))
 
 
 def test_limit_train_batches_uses_the_rows_trained_on():
@@ -566,5 +610,5 @@ def test_limit_train_batches_uses_the_rows_trained_on():
         cb = REMLEarlyStopping()
         _trainer([cb], limit_train_batches=2, max_steps=1).fit(
             Regressor(), _loader(x, y, 50, shuffle=True)
-        )  # fmt: skip
+        )
     assert cb.decision.n_rows == 200

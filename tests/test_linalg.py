@@ -47,8 +47,9 @@ def test_eigh_runs_serially_below_the_threshold_and_restores_threads():
 
 def _functionals(evals, z, scales):
     # What REML and the test read from a spectrum: sums of z^2 weighted by functions of lambda.
-    return np.array([[np.sum(z**2 / (1 + s * evals)), np.sum(z**2 * evals / (1 + s * evals))]
-                     for s in scales])
+    return np.array(
+        [[np.sum(z**2 / (1 + s * evals)), np.sum(z**2 * evals / (1 + s * evals))] for s in scales]
+    )
 
 
 def test_spectral_projection_matches_a_full_eigendecomposition():
@@ -65,8 +66,9 @@ def test_spectral_projection_matches_a_full_eigendecomposition():
     np.testing.assert_allclose(np.abs(z[-40:]), np.abs(ref_z[-40:]), rtol=1e-8)
     np.testing.assert_allclose(z @ z, u @ u, rtol=1e-12)
     scales = np.logspace(-3, 6, 20)
-    np.testing.assert_allclose(_functionals(evals, z, scales),
-                               _functionals(ref_evals, ref_z, scales), rtol=1e-10)
+    np.testing.assert_allclose(
+        _functionals(evals, z, scales), _functionals(ref_evals, ref_z, scales), rtol=1e-10
+    )
 
 
 def test_spectral_projection_falls_back_to_full_eigh_when_lapack_fails(monkeypatch):

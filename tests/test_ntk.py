@@ -32,7 +32,9 @@ def paper_mlp(width: int = 64) -> nn.Module:
 
 
 def tanh_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Sequential(nn.Linear(12, 12), nn.GELU()), nn.Linear(12, 3))
+    return nn.Sequential(
+        nn.Linear(10, 12), nn.Tanh(), nn.Sequential(nn.Linear(12, 12), nn.GELU()), nn.Linear(12, 3)
+    )
 
 
 def small_cnn() -> nn.Module:
@@ -70,7 +72,14 @@ def explicit_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rows = []
     for i in range(out.numel()):
         grads = torch.autograd.grad(out[i], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for g, p in zip(grads, params)
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
@@ -89,7 +98,7 @@ def test_kernel_equals_explicit_jacobian_product(name: str) -> None:
     H, info = empirical_ntk(model, x, return_info=True)
     assert H.dtype == torch.float64 and not H.requires_grad
     assert H.shape == (J.shape[0], J.shape[0]) == (info.N, info.N)
-    assert info.P == J.shape[1] and info.N == info.n * info.K
+    assert J.shape[1] == info.P and info.n * info.K == info.N
     assert rel_err(H, J @ J.T / J.shape[0]) < tolerance(x)
     assert torch.equal(H, H.T)
 
@@ -135,7 +144,13 @@ def test_layerwise_path_equals_generic_path(case: str) -> None:
     assert info.path == "layerwise"
     assert rel_err(fast, generic) < 1e-6
     x2 = torch.randn(4, 10, dtype=dtype)
-    assert rel_err(empirical_ntk(model, x, x2, path="layerwise"), empirical_ntk(model, x, x2, path="generic")) < 1e-6
+    assert (
+        rel_err(
+            empirical_ntk(model, x, x2, path="layerwise"),
+            empirical_ntk(model, x, x2, path="generic"),
+        )
+        < 1e-6
+    )
 
 
 def test_layerwise_matches_explicit_with_frozen_layers() -> None:
@@ -158,7 +173,9 @@ def test_generic_memory_budget_splits_rows_and_parameters() -> None:
     model, x = make("tanh_mlp_3_outputs", n=11)
     full = empirical_ntk(model, x, path="generic")
     # 4 KiB holds less than one row's Jacobian (3 × 339 float64 values): parameter groups too.
-    small, info = empirical_ntk(model, x, path="generic", memory_budget_bytes=4096, return_info=True)
+    small, info = empirical_ntk(
+        model, x, path="generic", memory_budget_bytes=4096, return_info=True
+    )
     assert info.chunk_size >= 1
     assert rel_err(small, full) < 1e-12
 
@@ -174,11 +191,13 @@ def model_dtype_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).double()
 
 
-def test_generic_float32_products_accumulate_groups_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generic_float32_products_accumulate_groups_in_float64(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A float32 model's generic kernel multiplies float32 Jacobian chunks in column groups of
     # _ntk_generic.PRODUCT_GROUP parameters and accumulates them in float64: it must equal the
-    # float64 product of the same float32 Jacobian to float32 rounding of a group's sum (~1e-7), with
-    # any grouping and chunking. 1e-6 leaves a margin of 10 and still fails on a wrong group,
+    # float64 product of the same float32 Jacobian to float32 rounding of a group's sum (~1e-7),
+    # with any grouping and chunking. 1e-6 leaves a margin of 10 and still fails on a wrong group,
     # chunk or order (errors of order 1).
     from remlstop import _ntk_generic
 
@@ -332,9 +351,11 @@ def test_model_state_restored_after_an_error() -> None:
 def test_dropout_and_batchnorm_in_train_mode_warn_and_use_eval_mode() -> None:
     model = stateful_model()
     x = torch.randn(6, 10, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="dropout is active"):
-        with pytest.warns(UserWarning, match="batch normalisation in train mode"):
-            H = empirical_ntk(model, x)
+    with (
+        pytest.warns(UserWarning, match="dropout is active"),
+        pytest.warns(UserWarning, match="batch normalisation in train mode"),
+    ):
+        H = empirical_ntk(model, x)
     reference = copy.deepcopy(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -363,7 +384,9 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="path"):
         empirical_ntk(model, x, path="fast")
     with pytest.raises(ValueError, match="Conv2d"):
-        empirical_ntk(small_cnn().double(), torch.randn(3, 1, 6, 6, dtype=torch.float64), path="layerwise")
+        empirical_ntk(
+            small_cnn().double(), torch.randn(3, 1, 6, 6, dtype=torch.float64), path="layerwise"
+        )
     frozen_model = copy.deepcopy(model).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         empirical_ntk(frozen_model, x)

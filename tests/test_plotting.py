@@ -17,11 +17,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from remlstop import (  # noqa: E402
-    KernelSpectrum, REMLStopper, evaluate_criteria, reml_fit, variance_component_test,
+    KernelSpectrum,
+    REMLStopper,
+    evaluate_criteria,
+    reml_fit,
+    variance_component_test,
 )
 from remlstop.datasets import paper_simple_function  # noqa: E402
-from remlstop.plotting import plot_decision  # noqa: E402
 from remlstop.decision import Decision  # noqa: E402
+from remlstop.plotting import plot_decision  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +53,18 @@ def _small_stopper(track_residual: bool = True) -> tuple[REMLStopper, torch.opti
 def _decision_from_spectrum(spectrum: KernelSpectrum) -> Decision:
     fit = reml_fit(spectrum)
     return Decision(
-        train=False, test=variance_component_test(spectrum), fit=fit,
-        criteria=evaluate_criteria(spectrum), criterion="reml", target_steps=fit.t / 0.01, dt_per_step=0.01, rule="time", kernel_path="given",
-        n_rows=spectrum.dim, n_outputs=1,
-    )  # fmt: skip
+        train=False,
+        test=variance_component_test(spectrum),
+        fit=fit,
+        criteria=evaluate_criteria(spectrum),
+        criterion="reml",
+        target_steps=fit.t / 0.01,
+        dt_per_step=0.01,
+        rule="time",
+        kernel_path="given",
+        n_rows=spectrum.dim,
+        n_outputs=1,
+    )
 
 
 def test_four_panels_and_file(tmp_path):

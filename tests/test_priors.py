@@ -9,7 +9,11 @@ from scipy import linalg, optimize
 from remlstop.flow import logsumexp
 from remlstop.gcv import gcv_fit, log_gcv
 from remlstop.priors import (
-    bayes_risk, bayes_risk_stop_time, fit_prior, log1p_prior_variances, prior_loglik,
+    bayes_risk,
+    bayes_risk_stop_time,
+    fit_prior,
+    log1p_prior_variances,
+    prior_loglik,
 )
 from remlstop.reml import reml_fit
 from remlstop.spectrum import KernelSpectrum
@@ -38,12 +42,14 @@ def _dense_reml(H, u0, k, Z=None):
     u = u0
     if Z is not None:
         full = np.linalg.qr(Z, mode="complete")[0]
-        Q = full[:, Z.shape[1]:]
+        Q = full[:, Z.shape[1] :]
         S, u = Q.T @ S @ Q, Q.T @ u0
     m = u.size
     s2 = u @ np.linalg.solve(S, u) / m
-    return -0.5 * m * math.log(s2) - 0.5 * np.linalg.slogdet(S)[1] - 0.5 * m * (
-        1 + math.log(2 * math.pi)
+    return (
+        -0.5 * m * math.log(s2)
+        - 0.5 * np.linalg.slogdet(S)[1]
+        - 0.5 * m * (1 + math.log(2 * math.pi))
     )
 
 
@@ -107,8 +113,9 @@ def test_linear_fit_equals_an_independent_one_dimensional_optimiser():
 
     grid = np.linspace(-10, 15, 501)
     best = grid[np.argmin([neg(g) for g in grid])]
-    res = optimize.minimize_scalar(neg, bounds=(best - 0.1, best + 0.1), method="bounded",
-                                   options={"xatol": 1e-10})  # fmt: skip
+    res = optimize.minimize_scalar(
+        neg, bounds=(best - 0.1, best + 0.1), method="bounded", options={"xatol": 1e-10}
+    )
     assert math.log(fit.params["a"]) == pytest.approx(res.x, abs=1e-5)
     assert fit.loglik == pytest.approx(-res.fun, rel=1e-9)
     lo, hi = fit.interval
@@ -147,13 +154,16 @@ def test_compressed_spectrum_is_refused_by_exp_and_power_and_exact_for_linear():
     # Q^T (I + aH) Q = I + a Q^T H Q: the two routes agree for the linear family.
     a = {"a": 2.5}
     assert prior_loglik(compressed, log1p_prior_variances(compressed, "linear", a))[0] == (
-        pytest.approx(prior_loglik(genuine, log1p_prior_variances(genuine, "linear", a))[0],
-                      rel=1e-9)
-    )  # fmt: skip
+        pytest.approx(
+            prior_loglik(genuine, log1p_prior_variances(genuine, "linear", a))[0], rel=1e-9
+        )
+    )
     # exp with fixed effects is genuine REML: it maximises the dense restricted likelihood.
     fit = reml_fit(genuine)
-    dense = [_dense_reml(H, u0, np.expm1(t * np.linalg.eigvalsh(H).clip(0)), Z)
-             for t in fit.t * np.array([0.98, 1.0, 1.02])]  # fmt: skip
+    dense = [
+        _dense_reml(H, u0, np.expm1(t * np.linalg.eigvalsh(H).clip(0)), Z)
+        for t in fit.t * np.array([0.98, 1.0, 1.02])
+    ]
     assert dense[1] >= max(dense[0], dense[2])
 
 

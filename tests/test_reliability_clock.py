@@ -42,8 +42,9 @@ def test_per_step_dt_follows_the_momentum_transient(case) -> None:
 
 def test_transient_survives_a_state_dict_round_trip_and_manual_counting() -> None:
     def clock() -> GradientFlowClock:
-        return GradientFlowClock(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.02,
-                                                 momentum=0.9), "half_mse")  # fmt: skip
+        return GradientFlowClock(
+            torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.02, momentum=0.9), "half_mse"
+        )
 
     a = clock()
     for _ in range(5):
@@ -62,8 +63,9 @@ def test_transient_survives_a_state_dict_round_trip_and_manual_counting() -> Non
 @pytest.mark.parametrize("case", ["heavy_ball", "nesterov", "dampened"])
 def test_steps_for_time_inverts_the_cumulative_clock(case) -> None:
     (beta, damp, nesterov), multiplier = CASES[case]
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.02, momentum=beta, dampening=damp,
-                          nesterov=nesterov)  # fmt: skip
+    opt = torch.optim.SGD(
+        [nn.Parameter(torch.zeros(1))], lr=0.02, momentum=beta, dampening=damp, nesterov=nesterov
+    )
     clock = GradientFlowClock(opt, "half_mse")
     cumulative = np.cumsum([0.02 * multiplier(i) for i in range(1, 201)])
     for k in (1, 2, 7, 40, 200):
@@ -87,8 +89,9 @@ def test_momentum_clock_matches_a_linearised_network(nesterov) -> None:
     features = 0.02 * torch.tanh(X @ torch.randn(5, 64, generator=g, dtype=torch.float64))
     torch.manual_seed(1)
     model = nn.Linear(64, 1, bias=False).double()
-    spectrum = KernelSpectrum.from_kernel(empirical_ntk(model, features),
-                                          (Y - model(features)).detach().reshape(-1))  # fmt: skip
+    spectrum = KernelSpectrum.from_kernel(
+        empirical_ntk(model, features), (Y - model(features)).detach().reshape(-1)
+    )
     lam, z = spectrum.eigenvalues, spectrum.z
     lr, beta = 0.02, 0.9
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta, nesterov=nesterov)

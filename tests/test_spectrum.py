@@ -60,7 +60,9 @@ def test_covariates_compress_the_kernel_to_the_complement():
     Qfull, _ = np.linalg.qr(Z, mode="complete")
     C = Qfull[:, 2:]
     M = C.T @ H @ C
-    np.testing.assert_allclose(spec.eigenvalues, np.clip(np.linalg.eigvalsh(M), 0, None), atol=1e-10)
+    np.testing.assert_allclose(
+        spec.eigenvalues, np.clip(np.linalg.eigvalsh(M), 0, None), atol=1e-10
+    )
     assert spec.dim == n - 2 and spec.n_fixed == 2
     assert spec.residual_norm2 == pytest.approx(np.sum((C.T @ u0) ** 2))
 
@@ -85,8 +87,13 @@ def test_covariates_with_one_row_per_training_row_expand_per_output():
         (np.zeros((5, 5)), np.ones(5), None, ValueError, "identically zero"),
         (np.eye(5), np.arange(5), None, TypeError, "class labels"),
         (np.eye(5), np.ones(5), np.ones((5, 2)), ValueError, "rank < q"),
-        (np.eye(5), np.ones(5), np.random.default_rng(0).standard_normal((5, 3)), ValueError,
-         "degrees of freedom"),
+        (
+            np.eye(5),
+            np.ones(5),
+            np.random.default_rng(0).standard_normal((5, 3)),
+            ValueError,
+            "degrees of freedom",
+        ),
         (np.eye(5), np.ones(5), np.ones((4, 1)), ValueError, "covariates have 4 rows"),
         (np.ones((5, 4)), np.ones(5), None, ValueError, "square"),
         (np.eye(5), np.zeros(5), None, ValueError, "residual is zero"),

@@ -184,9 +184,10 @@ def test_trajectory_rule_on_a_linearised_network_matches_the_spectrum():
     lam = torch.from_numpy(stopper.spectrum.eigenvalues)
     z2 = torch.from_numpy(stopper.spectrum.z) ** 2
     k_discrete = next(
-        k for k in range(1, 5000)
+        k
+        for k in range(1, 5000)
         if float(((lam - lam.mean()) * z2 * (1 - lr * lam) ** k).sum()) <= 0
-    )  # fmt: skip
+    )
     stop = _run(model, opt, stopper, x, y)
     assert stop is not None and stop > 10
     assert abs(stop - k_discrete) <= 1
@@ -197,6 +198,7 @@ def test_trajectory_rule_on_a_linearised_network_matches_the_spectrum():
 
 def test_stopper_does_not_disturb_training():
     """Parameters, optimizer state and RNG identical with and without the stopper."""
+
     def train(with_stopper: bool, steps: int = 30):
         model, opt, stopper, x, y = _setup(seed=2, rule="trajectory")
         model.train()
