@@ -8,7 +8,7 @@ tests whether that component is non-zero (train at all?) and estimates it by REM
 from .clock import GradientFlowClock, loss_matched_time
 from .criteria import CRITERIA, Criteria, evaluate_criteria
 from .decision import Decision
-from .gcv import GCVFit, gcv_fit
+from .gcv import GCVFit, LOOFit, gcv_fit, loo_fit
 from .ntk import empirical_ntk, ntk_trace, ntk_vector_product
 from .options import StopperOptions
 from .priors import PriorFit, fit_prior
@@ -26,6 +26,7 @@ __all__ = [
     "GCVFit",
     "GradientFlowClock",
     "KernelSpectrum",
+    "LOOFit",
     "PriorFit",
     "REMLFit",
     "REMLStopper",
@@ -35,6 +36,7 @@ __all__ = [
     "evaluate_criteria",
     "fit_prior",
     "gcv_fit",
+    "loo_fit",
     "loss_matched_time",
     "ntk_trace",
     "ntk_vector_product",

@@ -197,3 +197,22 @@ def test_flow_logsumexp_matches_scipy():
     assert logsumexp(a) == pytest.approx(scipy_lse(a), rel=1e-14)
     np.testing.assert_allclose(logsumexp(a, axis=1), scipy_lse(a, axis=1), rtol=1e-14)
     assert logsumexp(np.array([-np.inf, -np.inf])) == -np.inf
+
+
+def test_approximate_loo_equals_its_dense_definition():
+    from remlstop.gcv import _loo_curve, loo_fit
+
+    H, u0, _ = _case(seed=9)
+    n = H.shape[0]
+    lam, V = np.linalg.eigh(H)
+    lam = lam.clip(0)
+    for t in (0.05, 0.5, 3.0):
+        E = linalg.expm(-t * H)
+        dense = np.mean(((E @ u0) / np.diag(E)) ** 2)
+        assert _loo_curve(lam, V, V.T @ u0, np.array([t]))[0] == pytest.approx(dense, rel=1e-8)
+    fit = loo_fit(H, u0)
+    grid = np.geomspace(1e-3, 1e3, 2001)
+    assert fit.criterion <= np.min(_loo_curve(lam, V, V.T @ u0, grid)) + 1e-9
+    assert 0 < fit.df < n
+    with pytest.raises(ValueError, match="entries"):
+        loo_fit(H, u0[:-1])
