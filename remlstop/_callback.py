@@ -68,7 +68,7 @@ from .decision import Check, Decision
 from .options import StopperOptions
 from .stopper import REMLStopper
 
-__all__ = ["REMLEarlyStoppingBody"]
+__all__ = ["REMLEarlyStoppingBody", "bind"]
 
 logger = logging.getLogger("remlstop")
 
@@ -77,6 +77,34 @@ IMPORTS = {
     "lightning.pytorch": "from remlstop.lightning import REMLEarlyStopping",
     "pytorch_lightning": "from remlstop.pytorch_lightning import REMLEarlyStopping",
 }
+_PIP = {"lightning.pytorch": "lightning", "pytorch_lightning": "pytorch-lightning"}
+
+
+def bind(package: str, module: str) -> type:
+    """``REMLEarlyStopping`` as a subclass of ``package``'s ``Callback``, to be the attribute
+    of the remlstop module ``module`` (so it pickles by name). ImportError names the pip
+    command when the package is missing."""
+    try:
+        pl = importlib.import_module(package)
+        early_stopping = importlib.import_module(f"{package}.callbacks.early_stopping")
+    except ImportError as err:
+        other = next(p for p in IMPORTS if p != package)
+        raise ImportError(
+            f"{module} needs the `{_PIP[package]}` package ({err}): pip install "
+            f"{_PIP[package]} (or pip install 'remlstop[{_PIP[package]}]'). With `{other}` "
+            f"installed instead, write `{IMPORTS[other]}`."
+        ) from err
+    return type(
+        "REMLEarlyStopping",
+        (REMLEarlyStoppingBody, pl.Callback),
+        {
+            "__module__": module,
+            "__qualname__": "REMLEarlyStopping",
+            "__doc__": REMLEarlyStoppingBody.__doc__,
+            "_pl_package": package,
+            "_es_module": early_stopping,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .flow import time_to_steps
+from .flow import StopTime
 from .gcv import GCVFit, gcv_fit
 from .priors import PriorFit, fit_prior, minimise_in_log_t, risk_bracket
 from .reml import REMLFit, reml_fit
@@ -44,7 +44,7 @@ def _absolute_risk(fit: REMLFit | PriorFit, t: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class AveragedFit:
+class AveragedFit(StopTime):
     """The stop time minimising sum_f w_f sigma2_f R_f(t), w_f ∝ exp(l_f - #params_f) (M9).
 
     Attributes:
@@ -54,14 +54,6 @@ class AveragedFit:
 
     t: float
     weights: dict[str, float]
-
-    @property
-    def unbounded(self) -> bool:
-        return math.isinf(self.t)
-
-    def steps(self, dt_per_step: float) -> float:
-        """Optimizer steps to reach t at ``dt_per_step`` time units per step (METHOD M2)."""
-        return time_to_steps(self.t, dt_per_step)
 
     def summary(self) -> str:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in self.weights.items())

@@ -25,6 +25,7 @@ __all__ = [
     "log_residual_dof",
     "check_dt",
     "time_to_steps",
+    "StopTime",
 ]
 
 
@@ -107,3 +108,18 @@ def check_dt(dt_per_step: float) -> float:
 def time_to_steps(t: float, dt_per_step: float) -> float:
     """Optimizer steps to reach flow time ``t`` at ``dt_per_step`` per step (M2); inf stays inf."""
     return t / check_dt(dt_per_step)
+
+
+class StopTime:
+    """What every criterion's fit shares: a stop time ``t`` in gradient-flow units."""
+
+    t: float
+
+    @property
+    def unbounded(self) -> bool:
+        """True when there is no finite stop time: train to the budget."""
+        return math.isinf(self.t)
+
+    def steps(self, dt_per_step: float) -> float:
+        """Optimizer steps to reach t at ``dt_per_step`` time units per step (METHOD M2)."""
+        return time_to_steps(self.t, dt_per_step)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize
 
-from .flow import effective_df, log_residual_dof, log_residual_norm2, time_to_steps
+from .flow import StopTime, effective_df, log_residual_dof, log_residual_norm2
 from .linalg import symmetric_eigh
 from .spectrum import KernelSpectrum, _check_kernel, as_float64_vector
 
@@ -19,7 +19,7 @@ __all__ = ["GCVFit", "LOOFit", "gcv_fit", "log_gcv", "loo_fit"]
 
 
 @dataclass(frozen=True)
-class GCVFit:
+class GCVFit(StopTime):
     """Generalised cross-validation stop time (METHOD M9), same shape as :class:`REMLFit`.
 
     Attributes:
@@ -37,15 +37,6 @@ class GCVFit:
     sigma2: float
     df: float
     criterion: float
-
-    @property
-    def unbounded(self) -> bool:
-        """GCV's minimum is always at a finite t (m - df(t) -> 0 as t grows)."""
-        return False
-
-    def steps(self, dt_per_step: float) -> float:
-        """Optimizer steps to reach t at ``dt_per_step`` time units per step (METHOD M2)."""
-        return time_to_steps(self.t, dt_per_step)
 
     def summary(self) -> str:
         return (
@@ -109,7 +100,7 @@ def gcv_fit(spectrum: KernelSpectrum, *, grid_size: int = 400) -> GCVFit:
 
 
 @dataclass(frozen=True)
-class LOOFit:
+class LOOFit(StopTime):
     """Approximate leave-one-out stop time for the gradient-descent smoother (METHOD M9).
 
     Attributes:
@@ -123,14 +114,6 @@ class LOOFit:
     boundary: bool
     criterion: float
     df: float
-
-    @property
-    def unbounded(self) -> bool:
-        return False
-
-    def steps(self, dt_per_step: float) -> float:
-        """Optimizer steps to reach t at ``dt_per_step`` time units per step (METHOD M2)."""
-        return time_to_steps(self.t, dt_per_step)
 
     def summary(self) -> str:
         return f"approximate LOO: t = {self.t:.4g}, df = {self.df:.1f}, LOO = {self.criterion:.4g}"

@@ -19,22 +19,8 @@ The behaviour is documented in :mod:`remlstop._callback`; the options in
 
 from __future__ import annotations
 
-try:
-    import lightning.pytorch as _pl
-    from lightning.pytorch.callbacks import early_stopping as _early_stopping
-except ImportError as err:  # pragma: no cover - depends on what is installed
-    raise ImportError(
-        f"remlstop.lightning needs the `lightning` package ({err}): pip install lightning "
-        "(or pip install 'remlstop[lightning]'). "
-        "With `pytorch_lightning` installed instead, use remlstop.pytorch_lightning."
-    ) from err
-
-from ._callback import REMLEarlyStoppingBody
+from ._callback import bind
 
 __all__ = ["REMLEarlyStopping"]
 
-
-class REMLEarlyStopping(REMLEarlyStoppingBody, _pl.Callback):
-    __doc__ = REMLEarlyStoppingBody.__doc__
-    _pl_package = "lightning.pytorch"
-    _es_module = _early_stopping
+REMLEarlyStopping = bind("lightning.pytorch", __name__)

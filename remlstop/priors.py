@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, stats
 
-from .flow import effective_df, log_z2, logsumexp, time_to_steps
+from .flow import StopTime, effective_df, log_z2, logsumexp
 from .spectrum import KernelSpectrum
 
 __all__ = [
@@ -179,7 +179,7 @@ def minimise_in_log_t(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: flo
 
 
 @dataclass(frozen=True)
-class PriorFit:
+class PriorFit(StopTime):
     """A prior family fitted by REML and its Bayes-risk stop time (METHOD M9).
 
     Attributes:
@@ -211,15 +211,6 @@ class PriorFit:
     def boundary(self) -> bool:
         """True when the fit puts no signal in the prior: stop at once (t = 0)."""
         return self.t == 0.0
-
-    @property
-    def unbounded(self) -> bool:
-        """True when the stop time is infinite: train to the budget."""
-        return math.isinf(self.t)
-
-    def steps(self, dt_per_step: float) -> float:
-        """Optimizer steps to reach t at ``dt_per_step`` time units per step (METHOD M2)."""
-        return time_to_steps(self.t, dt_per_step)
 
     def log1pk(self) -> np.ndarray:
         """log(1 + k_j) of the fitted prior, shape (m,)."""

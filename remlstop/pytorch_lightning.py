@@ -19,23 +19,8 @@ The behaviour is documented in :mod:`remlstop._callback`; the options in
 
 from __future__ import annotations
 
-try:
-    import pytorch_lightning as _pl
-    from pytorch_lightning.callbacks import early_stopping as _early_stopping
-except ImportError as err:  # pragma: no cover - depends on what is installed
-    raise ImportError(
-        f"remlstop.pytorch_lightning needs the `pytorch-lightning` package ({err}): "
-        "pip install pytorch-lightning "
-        "(or pip install 'remlstop[pytorch-lightning]'). "
-        "With `lightning.pytorch` installed instead, use remlstop.lightning."
-    ) from err
-
-from ._callback import REMLEarlyStoppingBody
+from ._callback import bind
 
 __all__ = ["REMLEarlyStopping"]
 
-
-class REMLEarlyStopping(REMLEarlyStoppingBody, _pl.Callback):
-    __doc__ = REMLEarlyStoppingBody.__doc__
-    _pl_package = "pytorch_lightning"
-    _es_module = _early_stopping
+REMLEarlyStopping = bind("pytorch_lightning", __name__)

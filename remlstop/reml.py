@@ -16,10 +16,10 @@ import numpy as np
 from scipy import optimize, stats
 
 from .flow import (
+    StopTime,
     effective_df,
     log_z2,
     logsumexp,
-    time_to_steps,
     weight_moments,
     weighted_mean_eigenvalue,
 )
@@ -53,7 +53,7 @@ def profile_loglik(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | n
 
 
 @dataclass(frozen=True)
-class REMLFit:
+class REMLFit(StopTime):
     """REML estimate of the training time (METHOD M4).
 
     Attributes:
@@ -90,15 +90,6 @@ class REMLFit:
     def params(self) -> dict[str, float]:
         """The exp family's one parameter, t (METHOD M9)."""
         return {"t": self.t}
-
-    @property
-    def unbounded(self) -> bool:
-        """True when the likelihood rises for ever: no finite stop time."""
-        return math.isinf(self.t)
-
-    def steps(self, dt_per_step: float) -> float:
-        """Optimizer steps to reach t at ``dt_per_step`` time units per step (METHOD M2)."""
-        return time_to_steps(self.t, dt_per_step)
 
     def risk_at(self, t: float | np.ndarray) -> float | np.ndarray:
         """R(t) under the fitted exp prior, sigma2 units (M9); minimised at t-hat."""
