@@ -125,17 +125,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     fit_seconds = time.perf_counter() - tic
 
     decision = reml.decision
-    fit = decision.fit
+    chosen = decision.criteria.fits[decision.criterion]
     print()
     print(
         f"decision: {'TRAIN' if decision.train else 'DO NOT TRAIN'} "
-        f"(variance-component test p = {decision.test.pvalue:.3g}); REML t-hat = {fit.t:.4g} "
-        f"gradient-flow time, 95% interval [{fit.interval[0]:.4g}, {fit.interval[1]:.4g}], "
-        f"df = {fit.df:.1f}, sigma2 = {fit.sigma2:.4g}; kernel path {decision.kernel_path}"
+        f"(variance-component test p = {decision.test.pvalue:.3g}); criterion "
+        f"{decision.criterion}: stop time t = {chosen.t:.4g} gradient-flow time; the paper's "
+        f"REML t-hat = {decision.fit.t:.4g}; misfit Delta = {decision.misfit:.1f} nats; "
+        f"kernel path {decision.kernel_path}"
     )
     print(
         f"  ({decision.target_steps:.0f} steps at the warm-up learning rate of step 0; the "
-        f"clock counts each real step at its own learning rate, about {fit.t / args.lr:.0f} "
+        f"clock counts each real step at its own learning rate, about {chosen.t / args.lr:.0f} "
         f"steps at the full rate {args.lr})"
     )
     stop = reml.stopped_step

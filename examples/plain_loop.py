@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
 
     stopper = REMLStopper(model, x, y, optimizer=opt, loss="half_mse")
-    decision = stopper.start()  # test (M5) + REML (M4), before the first step
+    decision = stopper.start()  # test (M5) + every criterion (M4, M9), before the first step
     print(decision)
     print()
 
@@ -88,16 +88,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print("test MSE = mean((f - y)^2) on 120 held-out rows (half-MSE is half of it):")
     if stop_step is None:
         print(
-            f"  REML stop     : not reached within {args.steps} steps "
+            f"  {decision.criterion} stop : not reached within {args.steps} steps "
             f"(target {decision.target_steps:.0f} steps)"
         )
     else:
-        print(f"  REML stop     : step {stop_step:5d}  test MSE {stop_mse:.4f}")
+        print(f"  {decision.criterion} stop : step {stop_step:5d}  test MSE {stop_mse:.4f}")
     print(f"  best in hindsight: step {best:5d}  test MSE {test_curve[best]:.4f}")
     print(f"  fixed budget  : step {args.steps:5d}  test MSE {test_curve[-1]:.4f}")
     ratio = stop_mse / test_curve[best]
     print(
-        f"  ratio test MSE at REML stop / best = {ratio:.4f}; "
+        f"  ratio test MSE at the stop / best = {ratio:.4f}; "
         f"at the budget / best = {test_curve[-1] / test_curve[best]:.4f}"
     )
 

@@ -47,7 +47,8 @@ class StopperOptions:
             or 'reml-power' (REML of the kernel mixed model / a power-law prior, then the
             Bayes-risk stop time), 'gcv', 'auto' (the prior family with the best AIC) or
             'average' (the AIC-weighted average of the families' risks). Every criterion is
-            computed and shown in the decision; this one sets the stop.
+            computed and shown in the decision; this one sets the stop. None: 'reml' for the
+            trajectory rule (its equation is the paper's), else ``DEFAULT_CRITERION``.
         rule: 'time' stops when the clock reaches the criterion's stop time; 'trajectory'
             (criterion 'reml' only) stops at the first check where D = u0^T H r - lambda-bar
             u0^T r <= 0 on the real residual r (M4).
@@ -71,7 +72,7 @@ class StopperOptions:
 
     loss: LossSpec | str | nn.Module = "half_mse"
     alpha: float = 0.05
-    criterion: str = DEFAULT_CRITERION
+    criterion: str | None = None
     rule: str = "time"
     check_every_n_steps: int = 1
     refresh_every_n_steps: int | None = None
@@ -91,6 +92,8 @@ class StopperOptions:
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}.")
         put("alpha", float(self.alpha))
+        if self.criterion is None:
+            put("criterion", "reml" if self.rule == "trajectory" else DEFAULT_CRITERION)
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}.")
         if self.rule not in _RULES:

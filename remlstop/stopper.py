@@ -72,9 +72,13 @@ class REMLStopper:
                 f"METHOD M2); got {type(optimizer).__name__}. Pass the optimizer you train "
                 "with, e.g. optimizer=torch.optim.SGD(model.parameters(), lr=0.01)."
             )
-        base = StopperOptions() if options is None else options
         try:
-            self.options = base.replace(**option_values) if option_values else base
+            # Built from the keywords when no options are given, so the defaults that depend
+            # on other options (criterion and track_residual on the rule) follow them.
+            if options is None:
+                self.options = StopperOptions(**option_values)
+            else:
+                self.options = options.replace(**option_values) if option_values else options
         except TypeError as err:
             raise TypeError(f"{err}; the options are the fields of StopperOptions.") from None
         self.model = model

@@ -55,7 +55,7 @@ def run(out_dir: str, devices: int, n_train: int) -> None:
     x, y, _, _ = paper_simple_function(n=n_train + 50, n_train=n_train)
     # Full batch: one batch per epoch (under DDP each rank's batch is its shard of the data).
     loader = DataLoader(TensorDataset(x, y), batch_size=n_train, shuffle=False, num_workers=0)
-    callback = REMLEarlyStopping(loss="half_mse")
+    callback = REMLEarlyStopping(loss="half_mse", criterion="reml")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,

@@ -10,6 +10,7 @@ import torch
 from remlstop import CRITERIA, REMLStopper, StopperOptions, evaluate_criteria
 from remlstop.criteria import MISFIT_NATS
 from remlstop.datasets import paper_mlp, paper_simple_function
+from remlstop.options import DEFAULT_CRITERION
 from remlstop.spectrum import KernelSpectrum
 
 
@@ -133,3 +134,6 @@ def test_options_are_validated_once_with_specific_messages():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         REMLStopper(torch.nn.Linear(1, 1), None, optimizer=None)
     assert StopperOptions(rule="trajectory").track_residual is True
+    # The trajectory rule is the paper's equation: it takes 'reml' unless told otherwise.
+    assert StopperOptions(rule="trajectory").criterion == "reml"
+    assert StopperOptions().criterion == DEFAULT_CRITERION

@@ -31,6 +31,9 @@ from remlstop.pytorch_lightning import REMLEarlyStopping  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 200
 A = 0.5  # half-MSE: dt = 2 a lr per step (M2)
+# The callback's mechanics are checked against the paper's t-hat (decision.fit), so these
+# tests pin its criterion whatever the default is.
+PAPER = {"criterion": "reml"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -158,7 +161,7 @@ def _fit(
     shuffle=False,
 ):
     x, y = _data() if data is None else data
-    cb = REMLEarlyStopping(**(cb_kwargs or {}))
+    cb = REMLEarlyStopping(**{**PAPER, **(cb_kwargs or {})})
     model = Regressor(lr=lr, **(module_kwargs or {}))
     trainer = _trainer([cb], **(trainer_kwargs or {}))
     trainer.fit(model, _loader(x, y, batch_size, shuffle))
@@ -241,7 +244,7 @@ def test_trajectory_rule_stops_where_D_turns_non_positive():
 
 def test_callback_reused_for_a_second_fit_starts_afresh():
     x, y = _data()
-    cb = REMLEarlyStopping()
+    cb = REMLEarlyStopping(**PAPER)
     first = _trainer([cb])
     first.fit(Regressor(lr=0.05), _loader(x, y))
     second = _trainer([cb])
@@ -273,7 +276,7 @@ def test_lightning_pytorch_import_path_gives_the_same_stop():
     assert issubclass(REMLEarlyStopping, pl.Callback)
     assert not issubclass(REMLEarlyStopping, pl.callbacks.EarlyStopping)
     x, y = _data()
-    cb = LightningREMLEarlyStopping()
+    cb = LightningREMLEarlyStopping(**PAPER)
     trainer = _trainer([cb], pkg=L)
     trainer.fit(_module_class(L)(lr=0.05), _loader(x, y))
     assert trainer.global_step == round(cb.decision.fit.t / (2 * A * 0.05))
@@ -285,9 +288,11 @@ def test_mismatched_trainer_is_refused():
 
     x, y = _data()
     with pytest.raises(TypeError, match=r"from remlstop\.pytorch_lightning import"):
-        _trainer([LightningREMLEarlyStopping()], max_steps=2).fit(Regressor(), _loader(x, y))
+        _trainer([LightningREMLEarlyStopping(**PAPER)], max_steps=2).fit(Regressor(), _loader(x, y))
     with pytest.raises(TypeError, match=r"from remlstop\.lightning import"):
-        _trainer([REMLEarlyStopping()], pkg=L, max_steps=2).fit(_module_class(L)(), _loader(x, y))
+        _trainer([REMLEarlyStopping(**PAPER)], pkg=L, max_steps=2).fit(
+            _module_class(L)(), _loader(x, y)
+        )
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -298,13 +303,13 @@ def test_resume_from_checkpoint_stops_on_the_same_step(tmp_path, how):
     if how == "max_steps":  # a first run cut short, saved after fit
         full, cb_full, _ = _fit(lr=0.05)
         stop = full.global_step
-        first = _trainer([REMLEarlyStopping()], max_steps=stop // 2)
+        first = _trainer([REMLEarlyStopping(**PAPER)], max_steps=stop // 2)
         first.fit(Regressor(lr=0.05), _loader(x, y))
         assert first.global_step == stop // 2 and not first.callbacks[0].stopper.should_stop
         ckpt, saved_step = tmp_path / "half.ckpt", stop // 2
         first.save_checkpoint(ckpt)
     else:  # ModelCheckpoint inside the uninterrupted run (it runs after our hooks)
-        cb_full = REMLEarlyStopping()
+        cb_full = REMLEarlyStopping(**PAPER)
         ckpt_cb = pl.callbacks.ModelCheckpoint(
             dirpath=tmp_path, every_n_train_steps=20, save_top_k=-1, filename="{step}"
         )
@@ -323,7 +328,7 @@ def test_resume_from_checkpoint_stops_on_the_same_step(tmp_path, how):
     (key,) = [k for k in state["callbacks"] if k.startswith("REMLEarlyStopping")]
     assert state["callbacks"][key]["stopper"]["clock"]["steps"] == saved_step
 
-    cb = REMLEarlyStopping()
+    cb = REMLEarlyStopping(**PAPER)
     resumed = _trainer([cb])
     resumed.fit(Regressor(lr=0.05), _loader(x, y), ckpt_path=ckpt, weights_only=True)
     assert resumed.global_step == stop == cb.stopper.stop_step == cb_full.stopper.stop_step
@@ -421,7 +426,7 @@ def test_adam_warns_and_still_stops():
 # ----------------------------------------------------------------- test and limits
 def test_insignificant_test_stops_before_any_update():
     x, y = _data(noise=True)
-    cb = REMLEarlyStopping(on_insignificant="stop")
+    cb = REMLEarlyStopping(**PAPER, on_insignificant="stop")
     model = Regressor(lr=0.05)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = _trainer([cb])
@@ -495,14 +500,16 @@ def test_test_covariates_reach_the_stopper():
 def test_several_optimizers_are_refused():
     x, y = _data()
     with pytest.raises(ValueError, match="exactly one optimizer"):
-        _trainer([REMLEarlyStopping()], max_steps=2).fit(Regressor(n_optimizers=2), _loader(x, y))
+        _trainer([REMLEarlyStopping(**PAPER)], max_steps=2).fit(
+            Regressor(n_optimizers=2), _loader(x, y)
+        )
 
 
 @pytest.mark.filterwarnings("ignore:Total length of")
 def test_empty_dataloader_is_an_error():
     x, y = _data()
     with pytest.raises(ValueError, match="no batches"):
-        _trainer([REMLEarlyStopping()], max_steps=2).fit(Regressor(), _loader(x[:0], y[:0]))
+        _trainer([REMLEarlyStopping(**PAPER)], max_steps=2).fit(Regressor(), _loader(x[:0], y[:0]))
 
 
 def test_targets_of_the_wrong_shape_are_refused():
@@ -527,7 +534,7 @@ def test_custom_batches_need_batch_to_xy():
     rows = [{"features": a, "label": b} for a, b in zip(x, y)]
     loader = DataLoader(rows, batch_size=N_TRAIN, num_workers=0)
     with pytest.raises(TypeError, match="batch_to_xy"):
-        _trainer([REMLEarlyStopping()], max_steps=2).fit(DictModule(), loader)
+        _trainer([REMLEarlyStopping(**PAPER)], max_steps=2).fit(DictModule(), loader)
     cb = REMLEarlyStopping(batch_to_xy=lambda b: (b["features"], b["label"]), model="net")
     trainer = _trainer([cb])
     trainer.fit(DictModule(lr=0.05), loader)
@@ -579,7 +586,7 @@ class _GradNorms(pl.Callback):
 def test_norm_clipping_is_counted_as_a_smaller_step():
     lr, clip = 0.05, 0.02
     x, y = _data()
-    cb, norms = REMLEarlyStopping(), _GradNorms()
+    cb, norms = REMLEarlyStopping(**PAPER), _GradNorms()
     trainer = _trainer([norms, cb], gradient_clip_val=clip)
     trainer.fit(Regressor(lr=lr), _loader(x, y))
     assert min(norms.norms) > clip  # clipping was active on every step
@@ -594,7 +601,7 @@ def test_value_clipping_warns():
     x, y = _data()
     with pytest.warns(RuntimeWarning, match="gradient_clip_algorithm='value'"):
         _trainer(
-            [REMLEarlyStopping()],
+            [REMLEarlyStopping(**PAPER)],
             gradient_clip_val=0.01,
             gradient_clip_algorithm="value",
             max_steps=3,
@@ -603,11 +610,11 @@ def test_value_clipping_warns():
 
 def test_limit_train_batches_uses_the_rows_trained_on():
     x, y = _data()
-    cb = REMLEarlyStopping()
+    cb = REMLEarlyStopping(**PAPER)
     _trainer([cb], limit_train_batches=2, max_steps=1).fit(Regressor(), _loader(x, y, 50))
     assert cb.decision.n_rows == 100  # 2 batches of 50 of the 200 rows, in a fixed order
     with pytest.warns(RuntimeWarning, match="the loader shuffles"):
-        cb = REMLEarlyStopping()
+        cb = REMLEarlyStopping(**PAPER)
         _trainer([cb], limit_train_batches=2, max_steps=1).fit(
             Regressor(), _loader(x, y, 50, shuffle=True)
         )

@@ -39,7 +39,9 @@ def _small_stopper(track_residual: bool = True) -> tuple[REMLStopper, torch.opti
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    stopper = REMLStopper(net, x, y, optimizer=opt, loss="half_mse", track_residual=track_residual)
+    stopper = REMLStopper(
+        net, x, y, optimizer=opt, loss="half_mse", criterion="reml", track_residual=track_residual
+    )
     stopper.start()
     for _ in range(400):
         opt.zero_grad()

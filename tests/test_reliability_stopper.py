@@ -63,7 +63,7 @@ def test_unstable_step_size_warns_at_start_and_divergence_is_reported_as_such():
     # The time rule says that its stop came with an unstable step size.
     m, X, Y, opt = _repro(lr=10.0)
     with pytest.warns(RuntimeWarning, match="step size is unstable"):
-        stopper = REMLStopper(m, X, Y, optimizer=opt)
+        stopper = REMLStopper(m, X, Y, optimizer=opt, criterion="reml")
         stopper.start()
     while not stopper.step():
         _gd(m, opt, X, Y)

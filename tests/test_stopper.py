@@ -12,6 +12,9 @@ from remlstop.vctest import variance_component_test
 
 
 def _setup(seed=0, n=200, width=64, lr=0.05, noise_only=False, **kwargs):
+    # The stopper's mechanics are checked against the paper's t-hat (decision.fit), so the
+    # criterion is pinned to it whatever the default is.
+    kwargs.setdefault("criterion", "reml")
     x, y, _, _ = paper_simple_function(n=n + 50, n_train=n, seed=seed)
     if noise_only:
         y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
@@ -111,7 +114,7 @@ def test_adam_warns_and_uses_the_loss_matched_clock():
     model = paper_mlp(width=64)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with pytest.warns(RuntimeWarning, match="no fixed map"):
-        stopper = REMLStopper(model, x, y, optimizer=opt)
+        stopper = REMLStopper(model, x, y, optimizer=opt, criterion="reml")
         stopper.start()
     stop = _run(model, opt, stopper, x, y, max_steps=2000)
     assert stop is not None
@@ -137,7 +140,7 @@ def test_resume_from_state_dict_stops_on_the_same_step():
     model2.load_state_dict(model_state)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
     opt2.load_state_dict(opt_state)
-    resumed = REMLStopper(model2, x, y, optimizer=opt2, loss="half_mse")
+    resumed = REMLStopper(model2, x, y, optimizer=opt2, loss="half_mse", criterion="reml")
     resumed.load_state_dict(state)
     decision = resumed.start()
     assert decision.fit.t == pytest.approx(stopper.decision.fit.t, rel=1e-12)
