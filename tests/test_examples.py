@@ -52,16 +52,16 @@ def test_plain_loop(tmp_path):
     # seed 0: t-hat = 1.577 gradient-flow time, dt = 0.01 per step -> step 158
     m = re.search(r"stopper.step\(\) first returned True at step (\d+)", out)
     assert m and 140 <= int(m.group(1)) <= 170, out
-    assert f"REML stop     : step {int(m.group(1)):5d}" in out
+    assert re.search(rf"\S+ stop : step {int(m.group(1)):5d}", out), out
     assert "best in hindsight" in out and "fixed budget  : step   170" in out
-    assert "ratio test MSE at REML stop / best" in out
+    assert "ratio test MSE at the stop / best" in out
     if _has_matplotlib():
         assert (tmp_path / "plain_loop.png").exists()
 
 
 def test_plain_loop_budget_before_stop(tmp_path):
     out = _run("plain_loop.py", "--steps", "50", "--out", str(tmp_path))
-    assert "REML stop     : not reached within 50 steps" in out
+    assert re.search(r"\S+ stop : not reached within 50 steps", out), out
 
 
 def test_paper_case1(tmp_path):
