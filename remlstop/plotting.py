@@ -147,15 +147,16 @@ def _panel_loglik(ax: Any, decision: Decision, to_steps: Any) -> None:
 def _panel_spectrum(ax: Any, decision: Decision) -> None:
     fit = decision.fit
     spectrum = fit.spectrum
-    lam = np.asarray(spectrum.eigenvalues, dtype=float)
-    with np.errstate(divide="ignore"):
-        log_z2 = 2.0 * np.log(np.abs(np.asarray(spectrum.z, dtype=float)))
-    keep = (lam > 0) & np.isfinite(log_z2)
-    lam_k, log_z2_k = lam[keep], log_z2[keep]
-    w0 = np.exp(log_z2_k)
+    from .flow import log_weights
+
+    lam = spectrum.eigenvalues
+    log_w0 = log_weights(spectrum, 0.0)
+    keep = (lam > 0) & np.isfinite(log_w0)
+    lam_k = lam[keep]
+    w0 = np.exp(log_w0[keep])
     ax.scatter(lam_k, w0, s=8, alpha=0.45, color="0.45", label=r"$w_j(0) = z_j^2$")
     if math.isfinite(fit.t) and fit.t > 0:
-        w_hat = np.exp(log_z2_k - fit.t * lam_k)
+        w_hat = np.exp(log_weights(spectrum, fit.t)[keep])
         ok = w_hat > 1e-300
         ax.scatter(
             lam_k[ok],
