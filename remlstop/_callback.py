@@ -52,9 +52,7 @@ Requirements on the LightningModule: ``forward(x)`` returns the network outputs 
 from __future__ import annotations
 
 import importlib
-import itertools
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._trainer_data import distributed, trainer_xy
 from .clock import LossSpec
 from .data import collect_xy, default_batch_adapter
 from .decision import Check, Decision
@@ -108,14 +107,6 @@ def bind(package: str, module: str) -> type:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _distributed(trainer: Any) -> bool:
-    return (
-        trainer.world_size > 1
-        and torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-    )
-
-
 def _batch_rows(batch: Any, batch_to_xy: Callable | None) -> int:
     x, _ = (batch_to_xy or default_batch_adapter)(batch)
     return int(x.shape[0])
@@ -133,86 +124,10 @@ def _grad_norm(optimizer: Any) -> float:
     )
 
 
-def _trained_batches(trainer: Any, loader: Any) -> Any:
-    """The batches training uses: all of them, or the first ``limit_train_batches`` when the
-    loader's order is fixed (a shuffled loader visits every row over the epochs)."""
-    try:
-        total = len(loader)
-    except TypeError:
-        return loader
-    used = trainer.num_training_batches
-    if not math.isfinite(used) or used >= total:
-        return loader
-    sampler = getattr(loader, "sampler", None)
-    fixed = isinstance(sampler, torch.utils.data.SequentialSampler) or (
-        isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.shuffle
-    )
-    if fixed:
-        return list(itertools.islice(loader, int(used)))
-    warnings.warn(
-        f"limit_train_batches leaves {int(used)} of {total} batches per epoch; the loader "
-        "shuffles, so training visits every row over the epochs, and the kernel uses them all.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return loader
-
-
 def _has_gradients(optimizer: Any) -> bool:
     return any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
 
 
-def _sampler_indices(loader: Any, rows: int) -> list[int] | None:
-    """Dataset indices of this rank's ``rows`` collected rows, when the loader's order is known.
-
-    Known for a plain ``torch.utils.data.DistributedSampler`` (what Lightning injects under DDP):
-    it draws from its own seeded generator, so iterating it again yields the batches' order; a
-    batch ``drop_last`` only drops the tail.
-    """
-    sampler = getattr(loader, "sampler", None)
-    if type(sampler) is not torch.utils.data.DistributedSampler:
-        return None
-    indices = [int(i) for i in iter(sampler)]
-    if len(indices) < rows:
-        return None
-    return indices[:rows]
-
-
-def _gather_full_data(
-    trainer: Any, loader: Any, local: tuple[torch.Tensor, torch.Tensor] | None, error: str | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' (X, Y) shards on every rank, in the dataset's order when it is known.
-
-    With Lightning's ``DistributedSampler`` each row is put back at its dataset index: the rows
-    then equal the single-process data (same order), and the sampler's padding rows (repeats
-    that make the shards equal in size) are counted once. Otherwise the shards are concatenated.
-    """
-    if local is None:
-        payload: tuple[str, Any] = ("error", error)
-    else:
-        X, Y = local[0].detach().cpu(), local[1].detach().cpu()
-        payload = ("ok", (X, Y, _sampler_indices(loader, X.shape[0])))
-    shards: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(shards, payload)
-    errors = [f"rank {r}: {p[1]}" for r, p in enumerate(shards) if p[0] == "error"]
-    if errors:
-        raise ValueError(
-            "REMLEarlyStopping could not collect the training data: " + "; ".join(errors)
-        )
-    xs, ys, idxs = zip(*(p[1] for p in shards), strict=True)
-    if any(i is None for i in idxs):
-        return torch.cat(xs), torch.cat(ys)
-    index = torch.cat([torch.as_tensor(i, dtype=torch.long) for i in idxs])
-    order = torch.unique(index)  # sorted; a padded index appears twice, with the same row
-    n = int(index.max()) + 1
-    X_all = xs[0].new_empty((n, *xs[0].shape[1:]))
-    Y_all = ys[0].new_empty((n, *ys[0].shape[1:]))
-    X_all[index] = torch.cat(xs)
-    Y_all[index] = torch.cat(ys)
-    return X_all[order], Y_all[order]
-
-
-# ------------------------------------------------------------------------------- the body
 class REMLEarlyStoppingBody:
     """Stop Lightning training at the REML estimate of the training time (METHOD M2, M4-M6).
 
@@ -356,21 +271,7 @@ class REMLEarlyStoppingBody:
     def _collect(self, trainer: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if self._data is not None:
             return collect_xy(tuple(self._data))  # an (X, Y) pair, not a batch for batch_to_xy
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise ValueError(
-                "REMLEarlyStopping found no train dataloader; pass data=(X, Y) to the callback."
-            )
-        loader = _trained_batches(trainer, loader)
-        if not _distributed(trainer):
-            return collect_xy(loader, batch_to_xy=self.batch_to_xy)
-        local: tuple[torch.Tensor, torch.Tensor] | None = None
-        error: str | None = None
-        try:
-            local = collect_xy(loader, batch_to_xy=self.batch_to_xy)
-        except (TypeError, ValueError) as err:  # every rank must reach the gather
-            error = f"{type(err).__name__}: {err}"
-        return _gather_full_data(trainer, loader, local, error)
+        return trainer_xy(trainer, self.batch_to_xy)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._step_dts, self._rows_since_step = [], []
@@ -414,7 +315,7 @@ class REMLEarlyStoppingBody:
                     f"REMLEarlyStopping resumed at step {steps} (t = {t_now:.4g}); keeping the "
                     "saved decision.",
                 )
-        elif _distributed(trainer):
+        elif distributed(trainer):
             self._start_on_rank_zero(trainer, stopper)
         else:
             stopper.start()
