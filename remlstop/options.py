@@ -14,7 +14,7 @@ from .criteria import CRITERIA
 __all__ = ["DEFAULT_CRITERION", "StopperOptions"]
 
 # Chosen by benchmarks/stopping_quality.py (README "Results"); the paper's REML is 'reml'.
-DEFAULT_CRITERION = "reml"
+DEFAULT_CRITERION = "reml-linear"
 
 _RULES = ("time", "trajectory")
 _ON_INSIGNIFICANT = ("stop", "warn", "continue")

@@ -112,7 +112,7 @@ def test_reml_warns_when_the_data_reject_its_prior():
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        d = REMLStopper(model, x, y, optimizer=opt).start()
+        d = REMLStopper(model, x, y, optimizer=opt, criterion="reml").start()
     rejected = [w for w in caught if "reject the paper's prior" in str(w.message)]
     assert bool(rejected) == d.criteria.prior_rejected
 

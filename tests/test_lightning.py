@@ -535,7 +535,7 @@ def test_custom_batches_need_batch_to_xy():
     loader = DataLoader(rows, batch_size=N_TRAIN, num_workers=0)
     with pytest.raises(TypeError, match="batch_to_xy"):
         _trainer([REMLEarlyStopping(**PAPER)], max_steps=2).fit(DictModule(), loader)
-    cb = REMLEarlyStopping(batch_to_xy=lambda b: (b["features"], b["label"]), model="net")
+    cb = REMLEarlyStopping(**PAPER, batch_to_xy=lambda b: (b["features"], b["label"]), model="net")
     trainer = _trainer([cb])
     trainer.fit(DictModule(lr=0.05), loader)
     assert cb.decision.kernel_path == "layerwise"  # model="net": the plain Sequential

@@ -363,7 +363,7 @@ def test_test_covariates_survive_a_resume():
     model, opt, stopper, x, y = _setup(seed=6, test_covariates="f0")
     decision = stopper.start()
     state = stopper.state_dict()
-    resumed = REMLStopper(model, x, y, optimizer=opt, test_covariates="f0")
+    resumed = REMLStopper(model, x, y, optimizer=opt, criterion="reml", test_covariates="f0")
     resumed.load_state_dict(state)
     again = resumed.start()
     assert again.test.n_fixed == 1
