@@ -335,6 +335,27 @@ def test_resume_from_checkpoint_stops_on_the_same_step(tmp_path, how):
     assert cb.decision.fit.t == pytest.approx(cb_full.decision.fit.t, rel=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_non_default_criterion_survives_a_checkpoint(tmp_path):
+    x, y = _data()
+    opts = {"criterion": "gcv"}
+    full, cb_full, _ = _fit(lr=0.05, cb_kwargs=opts)
+    stop = full.global_step
+    assert cb_full.decision.criterion == "gcv" and 1 < stop < 5000
+    first = _trainer([REMLEarlyStopping(**opts)], max_steps=stop // 2)
+    first.fit(Regressor(lr=0.05), _loader(x, y))
+    ckpt = tmp_path / "half.ckpt"
+    first.save_checkpoint(ckpt)
+    cb = REMLEarlyStopping(**opts)
+    _trainer([cb]).fit(Regressor(lr=0.05), _loader(x, y), ckpt_path=ckpt, weights_only=True)
+    assert cb.stopper.stop_step == stop and cb.decision.criterion == "gcv"
+    assert cb.decision.t_target == pytest.approx(cb_full.decision.t_target, rel=1e-12)
+    with pytest.raises(ValueError, match="criterion='gcv'"):
+        _trainer([REMLEarlyStopping(**PAPER)]).fit(
+            Regressor(lr=0.05), _loader(x, y), ckpt_path=ckpt, weights_only=True
+        )
+
+
 # ------------------------------------------------------------------------------ DDP
 def test_ddp_two_processes_stop_on_the_same_step_as_one(tmp_path):
     pytest.importorskip("torch.distributed")
