@@ -187,7 +187,7 @@ def size_table(sizes: list[int], repeats: int, seed: int) -> list[str]:
         f"steps and nothing else. Medians over {repeats} interleaved repeats (one untimed "
         "warm-up of each first).",
         "",
-        "| n | REML stop k | ms per step | without s | with s | overhead | kernel s | eigh s "
+        "| n | stop k | ms per step | without s | with s | overhead | kernel s | eigh s "
         "| decision s | decision in steps |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
