@@ -89,6 +89,13 @@ def _steps_of(decision: Decision, history: Sequence[Check]) -> Any:
     return steps
 
 
+def _empty_note(ax: Any, text: str) -> None:
+    """A grey note in the middle of a panel that has nothing to draw."""
+    ax.text(
+        0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.4"
+    )
+
+
 def _t_grid(decision: Decision) -> np.ndarray:
     """A grid of gradient-flow times that shows the maximum and the whole interval."""
     fit = decision.fit
@@ -233,16 +240,7 @@ def _panel_curve(
         ax.set_xscale("log")
         ax.set_xlim(left=1)
     if not drew:
-        ax.text(
-            0.5,
-            0.5,
-            "no training MSE recorded\n(REMLStopper(track_residual=True) records it)",
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="0.4",
-        )
+        _empty_note(ax, "no training MSE recorded\n(REMLStopper(track_residual=True) records it)")
     else:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
@@ -267,16 +265,7 @@ def _panel_criteria(ax: Any, decision: Decision, to_steps: Any) -> None:
     fits = decision.criteria.fits
     finite = [f.t for f in fits.values() if math.isfinite(f.t) and f.t > 0]
     if not finite:
-        ax.text(
-            0.5,
-            0.5,
-            "no criterion has a finite stop time",
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="0.4",
-        )
+        _empty_note(ax, "no criterion has a finite stop time")
         return
     t = np.geomspace(min(finite) / 10.0, max(finite) * 10.0, 300)
     curves = {
