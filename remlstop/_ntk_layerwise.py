@@ -16,6 +16,7 @@ The functions here assume the checks and the model preservation of :mod:`remlsto
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -124,7 +125,9 @@ class _LinearFeatures:
     """One Linear layer's factors of the M1 kernel: rows of A (inputs) and G (output gradients).
 
     ``inputs`` is None when the weight is frozen; ``bias`` says whether a trainable bias adds
-    the all-ones Gram term; ``grads`` has n·K rows in M1's row-major order.
+    the all-ones Gram term; ``grads`` has n·K rows in M1's row-major order. Both are held in
+    the dtype they were computed in (the model's), which holds them exactly, and are cast to
+    the kernel's dtype one tile at a time: a float32 model's factors take half the memory.
     """
 
     inputs: torch.Tensor | None
@@ -133,7 +136,7 @@ class _LinearFeatures:
 
 
 def _layer_features(
-    layers: list[nn.Module], x: torch.Tensor, K: int, chunk: int, dtype: torch.dtype
+    layers: list[nn.Module], x: torch.Tensor, K: int, chunk: int
 ) -> list[_LinearFeatures]:
     """A and G for every Linear with a trainable parameter, from one backward per output column.
 
@@ -148,7 +151,7 @@ def _layer_features(
         if m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad)
     ]
     # Filled chunk by chunk in place: concatenating chunks would hold every factor twice.
-    n = x.shape[0]
+    n, dtype = x.shape[0], x.dtype
     inputs = {
         id(m): torch.empty((n, m.in_features), dtype=dtype, device=x.device)
         for m in trainable
@@ -193,14 +196,18 @@ def _layer_features(
     ]
 
 
-def _tile(rows: list[_LinearFeatures], cols: list[_LinearFeatures], K: int) -> torch.Tensor:
-    """Σ_layers (A_r A_cᵀ + 1[bias]) ⊙ (G_r G_cᵀ) for one block of rows against columns (M1)."""
+def _tile(
+    rows: list[_LinearFeatures], cols: list[_LinearFeatures], K: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Σ_layers (A_r A_cᵀ + 1[bias]) ⊙ (G_r G_cᵀ) for one block of rows against columns (M1),
+    multiplied in ``dtype``."""
     tile: torch.Tensor | None = None
     for r, c in zip(rows, cols, strict=True):
-        block = r.grads @ c.grads.T
+        block = r.grads.to(dtype) @ c.grads.to(dtype).T
         nr, nc = block.shape[0] // K, block.shape[1] // K
         if r.inputs is not None:
-            gram = r.inputs @ c.inputs.T
+            assert c.inputs is not None
+            gram = r.inputs.to(dtype) @ c.inputs.to(dtype).T
             if r.bias:
                 gram += 1.0
             block.view(nr, K, nc, K).mul_(gram[:, None, :, None])
@@ -231,26 +238,30 @@ def _fill_kernel(
     tile_fn: Callable[[int, int, int, int], torch.Tensor],
     symmetric: bool,
 ) -> None:
-    """Write tile_fn(row block, column range) into ``out`` block by block.
+    """Write tile_fn(row block, column block) into ``out`` in square blocks of ``chunk`` rows.
 
     When symmetric only the upper block triangle is computed and mirrored, halving the work.
+    Square blocks keep the working memory at a few chunk² tiles, whatever n is.
     """
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
-        c0 = r0 if symmetric else 0
-        tile = tile_fn(r0, r1, c0, n_cols).to(out.device)
-        out[r0 * K : r1 * K, c0 * K : n_cols * K] = tile
-        if symmetric:
-            symmetrize_(out[r0 * K : r1 * K, r0 * K : r1 * K])
-            out[r1 * K : n_cols * K, r0 * K : r1 * K] = tile[:, (r1 - c0) * K :].T
+        for c0 in range(r0 if symmetric else 0, n_cols, chunk):
+            c1 = min(n_cols, c0 + chunk)
+            tile = tile_fn(r0, r1, c0, c1).to(out.device)
+            out[r0 * K : r1 * K, c0 * K : c1 * K] = tile
+            if symmetric and c0 == r0:
+                symmetrize_(out[r0 * K : r1 * K, r0 * K : r1 * K])
+            elif symmetric:
+                out[c0 * K : c1 * K, r0 * K : r1 * K] = tile.T
+            del tile
 
 
 def tile_rows(n: int, K: int, budget: int, itemsize: int) -> int:
-    # A tile of b rows holds b·K × N values twice (the tile and one layer's block) plus b × n.
-    per_row = itemsize * (2 * K * n * K + n)
+    # A b × b tile holds b·K × b·K values twice (the tile and one layer's block) plus b × b.
+    b = math.isqrt(max(1, budget // (itemsize * (2 * K * K + 1))))
     # Tiles of about n/8 rows (not below 256) let the symmetric kernel skip most of its lower
     # triangle while each product stays large enough for BLAS to run at full speed.
-    return max(1, min(n, budget // per_row, max(256, -(-n // 8))))
+    return max(1, min(n, b, max(256, -(-n // 8))))
 
 
 def _feature_rows(layers: list[nn.Module], K: int, budget_bytes: int) -> int:
@@ -272,35 +283,36 @@ def kernel(
     """Write H (x2 None) or C = J(x2) J(x)ᵀ, unnormalised, into ``out`` in tiles of ``chunk``
     rows (M1 row-major order)."""
     layers = flatten_sequential(model)
-    feats = _layer_features(layers, x, K, chunk, out.dtype)
+    feats = _layer_features(layers, x, K, chunk)
     n = x.shape[0]
     if x2 is None:
 
         def tile(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
             rows, cols = _slice_features(feats, r0, r1, K), _slice_features(feats, c0, c1, K)
-            return _tile(rows, cols, K)
+            return _tile(rows, cols, K, out.dtype)
 
         _fill_kernel(out, n, n, K, chunk, tile, symmetric=True)
     else:
-        feats2 = _layer_features(layers, x2, K, chunk, out.dtype)
+        feats2 = _layer_features(layers, x2, K, chunk)
 
         def tile(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
             rows, cols = _slice_features(feats2, r0, r1, K), _slice_features(feats, c0, c1, K)
-            return _tile(rows, cols, K)
+            return _tile(rows, cols, K, out.dtype)
 
         _fill_kernel(out, x2.shape[0], n, K, chunk, tile, symmetric=False)
 
 
 def work_bytes(network: nn.Module, n: int, n2: int | None, K: int, rows: int, itemsize: int) -> int:
     """Working memory (bytes) of :func:`kernel`: A and G of every trainable Linear for the n
-    training (and n2 test) rows, and one Gram tile of ``rows`` rows (see :func:`tile_rows`)."""
+    training (and n2 test) rows in the model's dtype, one b × b Gram tile (b = ``rows``, see
+    :func:`tile_rows`) and two tiles' factors cast to the kernel's ``itemsize``."""
     per_row = 0
     for m in flatten_sequential(network):
         if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters()):
             per_row += m.in_features * m.weight.requires_grad + K * m.out_features
-    rows_in_tile = min(rows, n2 or n)
-    features = (n + (n2 or 0)) * per_row
-    return itemsize * (features + 2 * rows_in_tile * K * n * K + rows_in_tile * n)
+    b = min(rows, n, n2 or n)
+    features = (n + (n2 or 0)) * per_row * next(network.parameters()).element_size()
+    return features + itemsize * (2 * b * K * b * K + b * b + 2 * b * per_row)
 
 
 def trace(
@@ -313,11 +325,11 @@ def trace(
     rows = chunk_size or _feature_rows(layers, K, budget_bytes)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for r0 in range(0, x.shape[0], rows):
-        for f in _layer_features(layers, x[r0 : r0 + rows], K, rows, torch.float64):
-            g2 = f.grads.square().sum(1).view(-1, K)
+        for f in _layer_features(layers, x[r0 : r0 + rows], K, rows):
+            g2 = f.grads.double().square().sum(1).view(-1, K)
             a2 = torch.zeros(g2.shape[0], dtype=torch.float64, device=x.device)
             if f.inputs is not None:
-                a2 += f.inputs.square().sum(1)
+                a2 += f.inputs.double().square().sum(1)
             if f.bias:
                 a2 += 1.0
             total += (a2[:, None] * g2).sum()
