@@ -13,13 +13,15 @@ threads buy little and contention costs a lot (measured in benchmarks/eigh_threa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import scipy.linalg.lapack as lapack
 import torch
+from scipy.linalg import cython_lapack
 from threadpoolctl import threadpool_limits
 
 __all__ = [
@@ -126,39 +128,204 @@ def spectral_projection(
     lambda and z = V^T vector out, of the vector's shape (METHOD M4; columns carry fixed effects
     along, M9), without forming the N x N eigenvector matrix V of the matrix. The matrix is
     reduced to tridiagonal form T = Q^T A Q (LAPACK ``dsytrd``), the vector is carried along by
-    the Householder reflectors (Q^T vector, O(N^2 c)), and T is decomposed by divide and conquer
-    (``dstevd``). Skipping the back-transformation V = Q W, about half the flops of a full
-    ``eigh``, made it 1.6-1.7x faster at N = 1,000-2,000 with the same eigenvalues
-    (benchmarks/eigh_threads.py). Only the lower triangle is read. Memory: one N x N copy for
-    the reduction (none with ``overwrite=True``, which destroys ``matrix``), freed before the
-    N x N eigenvectors of T are formed. Divide and conquer falls back to the QR algorithm
-    (``dstev``) if it does not converge.
+    the Householder reflectors (Q^T vector, O(N^2 c)), and T is decomposed by MRRR in column
+    blocks (:func:`_tridiagonal_projection`). Skipping the back-transformation V = Q W, about
+    half the flops of a full ``eigh``, made it 1.6-1.7x faster at N = 1,000-2,000 with the same
+    eigenvalues (benchmarks/eigh_threads.py). Only the lower triangle is read.
+
+    Memory: an exactly symmetric, writeable, contiguous ``matrix`` (what
+    :func:`remlstop.empirical_ntk` returns) is its own workspace: LAPACK overwrites one triangle
+    and the diagonal, and both are restored bit for bit from the other triangle before this
+    returns (also on error), so no N x N copy is made; another thread must not read it
+    meanwhile. Any other matrix is copied once (not at all with ``overwrite=True``, which
+    destroys it). T's eigenvectors are then formed about a quarter at a time.
     """
     A = np.asarray(matrix, dtype=np.float64)
     u = np.asarray(vector, dtype=np.float64)
     shape = u.shape
     u = u.reshape(shape[0], -1)
     n = A.shape[0]
+    # LAPACK works on column-major arrays; a symmetric row-major one is its own transpose.
+    work = A.T if A.flags.c_contiguous and not A.flags.f_contiguous else A
+    in_place = not overwrite and _restorable(work)
+    diagonal = np.diag(work).copy() if in_place else None
     with blas_threads(eigh_threads(n)):
-        lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
-        packed, diag, offdiag, tau, info = lapack.dsytrd(
-            A, lower=1, lwork=max(lwork, n), overwrite_a=int(overwrite)
-        )
-        if info != 0:
-            raise np.linalg.LinAlgError(f"LAPACK dsytrd failed (info = {info}).")
-        del A
-        w = u.copy()
-        # Q = H(0) ... H(n-2), H(i) = I - tau_i v v^T with v[i+1] = 1 and v[i+2:] stored
-        # below the subdiagonal of column i; Q^T u applies H(0) first.
-        for i in range(n - 1):
-            if tau[i] != 0.0:
-                v = packed[i + 1 :, i].copy()
-                v[0] = 1.0
-                w[i + 1 :] -= np.outer(v, tau[i] * (v @ w[i + 1 :]))
-        del packed
-        evals, W, info = lapack.dstevd(diag, offdiag, compute_v=1)
-        if info != 0:
-            evals, W, info = lapack.dstev(diag, offdiag, compute_v=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"LAPACK could not diagonalise T (info = {info}).")
-        return evals, (W.T @ w).reshape(shape)
+        try:
+            lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
+            packed, diag, offdiag, tau, info = lapack.dsytrd(
+                work, lower=1, lwork=max(lwork, n), overwrite_a=int(overwrite or in_place)
+            )
+            if info != 0:
+                raise np.linalg.LinAlgError(f"LAPACK dsytrd failed (info = {info}).")
+            w = u.copy()
+            # Q = H(0) ... H(n-2), H(i) = I - tau_i v v^T with v[i+1] = 1 and v[i+2:] stored
+            # below the subdiagonal of column i; Q^T u applies H(0) first.
+            for i in range(n - 1):
+                if tau[i] != 0.0:
+                    v = packed[i + 1 :, i].copy()
+                    v[0] = 1.0
+                    w[i + 1 :] -= np.outer(v, tau[i] * (v @ w[i + 1 :]))
+            del packed
+        finally:
+            if diagonal is not None:
+                _restore_lower(work, diagonal)
+        del A, work
+        return _tridiagonal_projection(diag, offdiag, w, shape)
+
+
+def _restorable(F: np.ndarray, rows: int = 256) -> bool:
+    """Whether ``F`` may serve as dsytrd's workspace and be restored from its upper triangle:
+    Fortran-contiguous (so LAPACK writes into it, not into a copy), writeable, and exactly
+    symmetric (checked in column blocks, so no N x N temporary is made)."""
+    if not (F.flags.f_contiguous and F.flags.writeable and F.dtype == np.float64):
+        return False
+    return all(
+        np.array_equal(F[:, j : j + rows].T, F[j : j + rows]) for j in range(0, F.shape[0], rows)
+    )
+
+
+def _restore_lower(F: np.ndarray, diagonal: np.ndarray, cols: int = 256) -> None:
+    """Copy the strictly upper triangle of ``F`` onto its lower one and put back the diagonal."""
+    n = F.shape[0]
+    for j in range(0, n, cols):
+        k = min(n, j + cols)
+        F[k:, j:k] = F[j:k, k:].T
+        block = F[j:k, j:k]
+        lower = np.tril_indices(k - j, -1)
+        block[lower] = block.T[lower]
+    np.fill_diagonal(F, diagonal)
+
+
+def _lapack_function(name: str, *args: type) -> Callable[..., None]:
+    """A LAPACK routine of SciPy's own library, from the function pointer that
+    ``scipy.linalg.cython_lapack`` exports; every argument is passed by reference (Fortran)."""
+    capsule = cython_lapack.__pyx_capi__[name]
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    pointer = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+    return ctypes.CFUNCTYPE(None, *args)(pointer)
+
+
+_D, _I, _C = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int), ctypes.c_char_p
+# SciPy's f2py wrapper of dstemr allocates all N x N eigenvectors whatever the index range,
+# so the routine is called directly, with an N x (hi - lo) output.
+_DSTEMR = _lapack_function(
+    "dstemr", _C, _C, _I, _D, _D, _D, _D, _I, _I, _I, _D, _D, _I, _I, _I, _I, _D, _I, _I, _I, _I
+)
+
+
+def _dstemr(
+    diag: np.ndarray, offdiag: np.ndarray, lo: int, hi: int
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """LAPACK dstemr (MRRR) for eigenpairs lo..hi-1 (0-based, ascending) of the symmetric
+    tridiagonal T: ``(info, eigenvalues (k,), eigenvectors as rows (k, n))``, k = hi - lo."""
+    n, k = diag.size, hi - lo
+    d = np.array(diag, dtype=np.float64)
+    e = np.zeros(n)
+    e[: n - 1] = offdiag
+    evals = np.empty(n)
+    rows = np.empty((k, n))  # column-major n x k: eigenvector j is row j
+    support = np.empty(2 * k, dtype=np.intc)
+    work, iwork = np.empty(18 * n), np.empty(10 * n, dtype=np.intc)
+    found, info, tryrac = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(1)
+    bound = ctypes.c_double(0.0)
+
+    def ref(v: int) -> object:
+        return ctypes.byref(ctypes.c_int(v))
+
+    def ptr(a: np.ndarray) -> object:
+        return a.ctypes.data_as(_I if a.dtype == np.intc else _D)
+
+    _DSTEMR(
+        b"V",
+        b"I",
+        ref(n),
+        ptr(d),
+        ptr(e),
+        ctypes.byref(bound),
+        ctypes.byref(bound),
+        ref(lo + 1),
+        ref(hi),
+        ctypes.byref(found),
+        ptr(evals),
+        ptr(rows),
+        ref(n),
+        ref(k),
+        ptr(support),
+        ctypes.byref(tryrac),
+        ptr(work),
+        ref(work.size),
+        ptr(iwork),
+        ref(iwork.size),
+        ctypes.byref(info),
+    )
+    if info.value == 0 and found.value != k:
+        return -1, evals[:0], rows[:0]
+    return info.value, evals[:k], rows
+
+
+def _block_ends(evals: np.ndarray, size: int) -> list[int]:
+    """Ends of index blocks of about ``size`` ascending eigenvalues of T, each end at a gap
+    that MRRR resolves on its own: a relative gap of at least ``_BLOCK_GAP`` (dstemr's own
+    threshold for a singleton) that is also far above round-off (1e3 N eps ||T||). Eigenvectors
+    from separate calls are orthogonal across such gaps (2e-12 measured on a paper-MLP kernel
+    at N = 3,000); a cluster (a kernel's null space, repeated eigenvalues) is never split and
+    makes its block as long as it needs."""
+    n = evals.size
+    gap = np.diff(evals)
+    mags = np.maximum(np.abs(evals[1:]), np.abs(evals[:-1]))
+    noise = 1e3 * n * np.finfo(np.float64).eps * max(float(np.abs(evals).max()), 1e-300)
+    split = (gap > _BLOCK_GAP * mags) & (gap > noise)
+    ends: list[int] = []
+    lo = 0
+    while lo < n:
+        at = np.flatnonzero(split[lo + size - 1 :]) if lo + size < n else np.empty(0, int)
+        hi = n if at.size == 0 else lo + size + int(at[0])
+        ends.append(hi)
+        lo = hi
+    return ends
+
+
+def _tridiagonal_projection(
+    diag: np.ndarray, offdiag: np.ndarray, w: np.ndarray, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues of the tridiagonal T and S^T w (T = S diag(lambda) S^T), S in column blocks.
+
+    MRRR (``dstemr``) computes the eigenvectors of any index range of T; blocks end at gaps in
+    the spectrum (:func:`_block_ends`), so the blocks are orthogonal to one another. Only one
+    block of S is held at a time, about N x N/4, where divide and conquer would hold all of S
+    and an N x N workspace besides (benchmarks/peak_memory.py measures the peak). If MRRR fails,
+    or the blocks do not keep w's norm (so were not orthogonal), divide and conquer runs instead.
+    """
+    n = diag.size
+    evals, info = lapack.dstevd(diag, offdiag, compute_v=0)[::2]
+    if info == 0:
+        z = np.empty((n, w.shape[1]))
+        lo = 0
+        for hi in _block_ends(evals, -(-n // _EIGENVECTOR_BLOCKS)):
+            info, lam, S_T = _dstemr(diag, offdiag, lo, hi)
+            if info != 0:
+                break
+            evals[lo:hi], z[lo:hi] = lam, S_T @ w
+            del S_T
+            lo = hi
+        else:
+            # Blocks that were not orthogonal would not keep the columns' norms (Parseval).
+            norms = np.einsum("ij,ij->j", w, w)
+            if np.allclose(np.einsum("ij,ij->j", z, z), norms, rtol=1e-10, atol=0.0):
+                return evals, z.reshape(shape)
+    evals, W, info = lapack.dstevd(diag, offdiag, compute_v=1)
+    if info != 0:
+        evals, W, info = lapack.dstev(diag, offdiag, compute_v=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"LAPACK could not diagonalise T (info = {info}).")
+    return evals, (W.T @ w).reshape(shape)
+
+
+# Eigenvectors of T come in about this many column blocks, split only across relative gaps of
+# at least _BLOCK_GAP (LAPACK dlarrv's MINRGP, below which MRRR treats eigenvalues as a cluster).
+_EIGENVECTOR_BLOCKS = 4
+_BLOCK_GAP = 1e-3

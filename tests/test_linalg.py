@@ -81,3 +81,102 @@ def test_spectral_projection_falls_back_to_full_eigh_when_lapack_fails(monkeypat
     evals, z = linalg.spectral_projection(H, u)
     np.testing.assert_allclose(evals, good[0], rtol=1e-10)
     np.testing.assert_allclose(np.abs(z), np.abs(good[1]), rtol=1e-8)
+
+
+def _kernel_with_clusters(rng: np.random.Generator, n: int = 400) -> np.ndarray:
+    """Exactly symmetric PSD matrix with a 150-fold null space and a 40-fold repeated
+    eigenvalue, each longer than one eigenvector block (n/4 = 100)."""
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.concatenate([np.zeros(150), np.full(40, 0.5), np.logspace(-4, 2, n - 190)])
+    H = (Q * lam) @ Q.T
+    return (H + H.T) / 2
+
+
+def test_blocked_eigenvectors_keep_clusters_whole_and_match_a_full_eigendecomposition():
+    rng = np.random.default_rng(11)
+    H = _kernel_with_clusters(rng)
+    u = rng.standard_normal((400, 2))
+    evals, z = spectral_projection(H, u)
+    ref_evals, V = np.linalg.eigh(H)
+    ref_z = V.T @ u
+    np.testing.assert_allclose(evals, ref_evals, atol=1e-10 * ref_evals[-1])
+    np.testing.assert_allclose((z * z).sum(0), (u * u).sum(0), rtol=1e-12)
+    scales = np.logspace(-3, 6, 20)
+    for c in range(2):
+        np.testing.assert_allclose(
+            _functionals(evals, z[:, c], scales),
+            _functionals(ref_evals, ref_z[:, c], scales),
+            rtol=1e-9,
+        )
+    ends = linalg._block_ends(ref_evals, 100)
+    assert ends[-1] == 400 and len(ends) > 1
+    # No block boundary falls inside the null space or the repeated eigenvalue.
+    assert not any(0 < e < 150 or 150 < e < 190 for e in ends)
+
+
+def test_blocked_eigenvectors_fall_back_to_divide_and_conquer_when_mrrr_fails(monkeypatch):
+    rng = np.random.default_rng(12)
+    H = _kernel_with_clusters(rng, 200)
+    u = rng.standard_normal(200)
+    good = spectral_projection(H, u)
+    calls = []
+
+    def failing(diag, offdiag, lo, hi):
+        calls.append((lo, hi))
+        return 3, np.empty(0), np.empty((0, diag.size))
+
+    monkeypatch.setattr(linalg, "_dstemr", failing)
+    evals, z = spectral_projection(H, u)
+    assert calls
+    np.testing.assert_allclose(evals, good[0], atol=1e-12 * good[0][-1])
+    np.testing.assert_allclose(z @ z, u @ u, rtol=1e-12)
+
+
+def test_a_symmetric_matrix_is_its_own_workspace_and_is_restored_bit_for_bit():
+    rng = np.random.default_rng(13)
+    A = rng.standard_normal((300, 50))
+    H = A @ A.T
+    H = (H + H.T) / 2
+    u = rng.standard_normal(300)
+    reference = spectral_projection(H.copy(), u)
+    for matrix in (H.copy(), np.asfortranarray(H), torch.from_numpy(H.copy()).numpy()):
+        before = matrix.copy()
+        evals, z = spectral_projection(matrix, u)
+        assert np.array_equal(matrix, before)
+        np.testing.assert_array_equal(evals, reference[0])
+        np.testing.assert_array_equal(z, reference[1])
+
+
+def test_the_matrix_is_restored_when_the_reduction_fails(monkeypatch):
+    rng = np.random.default_rng(14)
+    A = rng.standard_normal((80, 80))
+    H = A @ A.T
+    H = (H + H.T) / 2
+    before = H.copy()
+    real = linalg.lapack.dsytrd
+
+    def corrupt_then_fail(a, **kwargs):
+        real(a, **kwargs)
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(linalg.lapack, "dsytrd", corrupt_then_fail)
+    try:
+        spectral_projection(H, rng.standard_normal(80))
+    except MemoryError:
+        pass
+    else:
+        raise AssertionError("the simulated failure did not propagate")
+    assert np.array_equal(H, before)
+
+
+def test_a_nearly_symmetric_or_read_only_matrix_is_copied_not_touched():
+    rng = np.random.default_rng(15)
+    A = rng.standard_normal((60, 60))
+    H = A @ A.T
+    H[0, 1] += 1e-13  # within the kernel check's tolerance, but not exactly symmetric
+    before = H.copy()
+    spectral_projection(H, rng.standard_normal(60))
+    assert np.array_equal(H, before)
+    S = (before + before.T) / 2
+    S.flags.writeable = False
+    spectral_projection(S, rng.standard_normal(60))
