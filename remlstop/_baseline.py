@@ -9,31 +9,39 @@ new view, a resume rebuilds both from their saved states.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .nystrom import SpectrumApproximation
 from .spectrum import KernelSpectrum
 
 __all__ = ["Baseline", "KernelView"]
 
 
 def _spectrum_state(spectrum: KernelSpectrum) -> dict[str, Any]:
+    approximation = spectrum.approximation
     return {
         "eigenvalues": torch.from_numpy(spectrum.eigenvalues.copy()),
         "z": torch.from_numpy(spectrum.z.copy()),
         "n_fixed": spectrum.n_fixed,
         "clipped_mass": spectrum.clipped_mass,
+        "approximation": None if approximation is None else dataclasses.asdict(approximation),
     }
 
 
 def _spectrum_from_state(state: dict[str, Any]) -> KernelSpectrum:
-    return KernelSpectrum.from_eigen(
+    spectrum = KernelSpectrum.from_eigen(
         state["eigenvalues"].numpy(),
         state["z"].numpy(),
         n_fixed=state["n_fixed"],
         clipped_mass=state["clipped_mass"],
+    )
+    saved = state.get("approximation")
+    return (
+        spectrum if saved is None else spectrum.with_approximation(SpectrumApproximation(**saved))
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .criteria import Criteria
+from .nystrom import SpectrumApproximation
 from .reml import REMLFit
 from .vctest import VarianceComponentTest
 
@@ -29,6 +30,8 @@ class Decision:
         kernel_path: which NTK path ran ('layerwise' or 'generic').
         n_rows, n_outputs: training rows used for the kernel and outputs per row.
         seconds: wall-clock seconds spent (collect, forward, kernel, spectrum, test, fit).
+        approximation: None when the dense kernel was decomposed; else how the large-N
+            spectrum was obtained and how much of the kernel it resolved (METHOD M10).
     """
 
     train: bool
@@ -43,6 +46,7 @@ class Decision:
     n_rows: int
     n_outputs: int
     seconds: dict[str, float] = field(default_factory=dict)
+    approximation: SpectrumApproximation | None = None
 
     @property
     def t_target(self) -> float:
@@ -77,6 +81,12 @@ class Decision:
                 f"  criterion = {self.criterion}, rule = {self.rule}: {stop}",
                 f"  kernel: {self.kernel_path} path, n = {self.n_rows} rows x K = "
                 f"{self.n_outputs} outputs; {sum(self.seconds.values()):.2f} s spent",
+                "  spectrum: "
+                + (
+                    "dense N x N kernel, exact"
+                    if self.approximation is None
+                    else self.approximation.summary()
+                ),
             ]
         )
 

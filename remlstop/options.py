@@ -19,6 +19,7 @@ DEFAULT_CRITERION = "reml-linear"
 _RULES = ("time", "trajectory")
 _ON_INSIGNIFICANT = ("stop", "warn", "continue")
 _TEST_COVARIATES = ("f0", "intercept")
+_KERNELS = ("auto", "dense", "nystrom")
 
 
 def _positive_int(value: object, name: str, *, optional: bool = False) -> int | None:
@@ -68,6 +69,15 @@ class StopperOptions:
         test_covariates: fixed effects the test projects off (M3, M5): 'f0', 'intercept', or a
             sequence of both. With 'f0' the test asks whether y depends on X at all. The stop
             time is unchanged; the test costs a second eigendecomposition.
+        kernel: 'dense' (the N x N kernel, exact), 'nystrom' (the large-N spectrum from
+            ``landmarks`` rows of the kernel, METHOD M10) or 'auto': dense when its estimated
+            peak (about 2 N^2 x 8 bytes) fits ``memory_budget_bytes``, Nystrom otherwise. The
+            decision says which ran and how much of the kernel it resolved.
+        landmarks: training rows whose kernel rows the Nystrom path computes (None: 4096 / K,
+            at most n / 2, within half the budget). More resolve more of the kernel and cost
+            N (m K)^2.
+        memory_budget_bytes: the budget 'auto' compares with; None: the memory available on
+            the kernel's device now.
     """
 
     loss: LossSpec | str | nn.Module = "half_mse"
@@ -83,6 +93,9 @@ class StopperOptions:
     track_residual: bool | None = None
     seed: int = 0
     test_covariates: str | Sequence[str] | None = field(default=())
+    kernel: str = "auto"
+    landmarks: int | None = None
+    memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -120,6 +133,20 @@ class StopperOptions:
             put("track_residual", self.rule == "trajectory")
         put("seed", int(self.seed))
         put("test_covariates", _parse_test_covariates(self.test_covariates))
+        if self.kernel not in _KERNELS:
+            raise ValueError(f"kernel must be one of {_KERNELS}, got {self.kernel!r}.")
+        put("landmarks", _positive_int(self.landmarks, "landmarks", optional=True))
+        if self.landmarks is not None and self.landmarks < 3:
+            raise ValueError(f"landmarks must be at least 3, got {self.landmarks}.")
+        put(
+            "memory_budget_bytes",
+            _positive_int(self.memory_budget_bytes, "memory_budget_bytes", optional=True),
+        )
+        if self.kernel == "nystrom" and self.refresh_every_n_steps is not None:
+            raise ValueError(
+                "refresh_every_n_steps needs the dense kernel (its drift is measured on it); "
+                "kernel='nystrom' has none. Use kernel='dense' or drop refresh_every_n_steps."
+            )
 
     def replace(self, **changes: object) -> StopperOptions:
         """A copy with some options changed (validated again)."""

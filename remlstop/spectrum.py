@@ -7,13 +7,18 @@ when covariates Z are given, from the kernel compressed to the complement of Z (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy.linalg import blas
 
 from .linalg import blas_threads, spectral_projection
+
+if TYPE_CHECKING:
+    from .nystrom import SpectrumApproximation
 
 __all__ = ["KernelSpectrum", "as_float64_vector", "expand_covariates"]
 
@@ -174,6 +179,8 @@ class KernelSpectrum:
             covariates carried into the eigenbasis of the *uncompressed* kernel, for genuine
             REML with fixed effects (METHOD M9). Such a spectrum keeps all N eigenvalues; the
             variance-component test needs the compressed one (``covariates=``) instead.
+        approximation: None for a spectrum of the dense kernel; how a large-N spectrum was
+            obtained otherwise (:class:`remlstop.nystrom.SpectrumApproximation`, METHOD M10).
     """
 
     eigenvalues: np.ndarray = field(repr=False)
@@ -183,6 +190,11 @@ class KernelSpectrum:
     trace: float
     clipped_mass: float
     fixed_effects: np.ndarray | None = field(default=None, repr=False)
+    approximation: SpectrumApproximation | None = None
+
+    def with_approximation(self, approximation: SpectrumApproximation) -> KernelSpectrum:
+        """This spectrum, marked as computed by a large-N approximation (METHOD M10)."""
+        return dataclasses.replace(self, approximation=approximation)
 
     @property
     def n_reml_fixed(self) -> int:

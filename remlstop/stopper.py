@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ._baseline import Baseline, KernelView
-from ._model import device_dtype, evaluate, optimizer_parameters, trained_only
+from ._model import device_dtype, evaluate, optimizer_parameters
+from ._spectra import initial_spectra
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import evaluate_criteria
 from .data import as_target_matrix, collect_xy
@@ -152,17 +153,11 @@ class REMLStopper:
         u0 = (self._Y.to(torch.float64) - f0.to(torch.float64)).reshape(-1)
         seconds["forward"] = time.perf_counter() - tic
 
-        tic = time.perf_counter()
-        with trained_only(self.model, trained):
-            H, info = empirical_ntk(self.model, self._X, chunk_size=o.chunk_size, return_info=True)
-        seconds["kernel"] = time.perf_counter() - tic
-        tic = time.perf_counter()
-        spectrum = KernelSpectrum.from_kernel(H, u0)
-        test_spectrum = spectrum
-        Z = _covariate_matrix(o.test_covariates, f0)
-        if Z is not None:
-            test_spectrum = KernelSpectrum.from_kernel(H, u0, Z)
-        seconds["spectrum"] = time.perf_counter() - tic
+        spectra = initial_spectra(
+            self.model, self._X, u0, _covariate_matrix(o.test_covariates, f0), o, trained
+        )
+        spectrum, test_spectrum = spectra.spectrum, spectra.test_spectrum
+        seconds.update(spectra.seconds)
         tic = time.perf_counter()
         test = variance_component_test(test_spectrum, alpha=o.alpha)
         seconds["test"] = time.perf_counter() - tic
@@ -173,13 +168,15 @@ class REMLStopper:
         lam_max = float(spectrum.eigenvalues[-1])
         assert self.clock is not None
         self._baseline = Baseline(
-            u0=u0.to(H.device),
+            u0=u0.to(spectra.Hu0.device),
             spectrum=spectrum,
             test_spectrum=test_spectrum,
-            H0=H if o.refresh_every_n_steps is not None else None,
+            H0=spectra.H0,
             unstable=not self.clock.is_stable(lam_max),
         )
-        self._kernel = KernelView.build(H, u0, spectrum, criteria.fits[o.criterion].t)
+        self._kernel = KernelView(
+            spectrum, spectra.Hu0, spectrum.mean_eigenvalue, criteria.fits[o.criterion].t
+        )
         if self._baseline.unstable:
             warnings.warn(
                 f"the step size is unstable on this kernel: a step of the learning rate "
@@ -205,7 +202,8 @@ class REMLStopper:
             else t_target / dt,
             dt_per_step=dt,
             rule=o.rule,
-            kernel_path=info.path,
+            kernel_path=spectra.kernel_path,
+            approximation=spectrum.approximation,
             n_rows=int(self._X.shape[0]),
             n_outputs=int(self._Y.shape[1]),
             seconds=seconds,
@@ -471,6 +469,7 @@ class REMLStopper:
             criteria=criteria,
             criterion=saved,
             rule=self.options.rule,
+            approximation=self._baseline.spectrum.approximation,
             **state["decision"],
         )
         self.history = [Check(**c) for c in state["history"]]

@@ -1,0 +1,160 @@
+"""The stopper's initial spectra, from the dense kernel or from landmark rows (METHOD M4, M10).
+
+Which path runs is decided here once: the dense N x N kernel when its peak fits the memory
+budget (``memory_budget_bytes``, default what the kernel's device has available now), the
+Nystrom spectrum otherwise (or when ``kernel='nystrom'`` asks for it). Both give the stopper the
+same things: the criteria's spectrum, the test's spectrum, H u0 for the trajectory rule and, for
+refreshes, the dense kernel itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._model import device_dtype, trained_only
+from .ntk import _available_bytes, _memory_device, empirical_ntk, ntk_vector_product
+from .nystrom import nystrom_kernel
+from .options import StopperOptions
+from .spectrum import KernelSpectrum
+
+__all__ = ["InitialSpectra", "default_landmarks", "dense_peak_bytes", "initial_spectra", "plan"]
+
+# The dense decision's peak over the kernel's N^2 x 8 bytes: 1.92 measured at n = 3,000
+# (benchmarks/peak_memory.py), rounded up.
+_DENSE_PEAK = 2.0
+# Landmark columns (m K) by default: the cost grows as N (m K)^2, about two minutes at
+# N = 10^5 on two cores (benchmarks/large_n.py); more resolve more of the kernel.
+_DEFAULT_LANDMARK_COLUMNS = 4096
+# The landmark rows C (m K x N float64) may take this share of the budget: the kernel
+# backends' working memory and the model's own take the rest.
+_LANDMARK_SHARE = 0.5
+
+
+def dense_peak_bytes(n_obs: int) -> int:
+    """Estimated peak of the dense decision for N = ``n_obs`` residuals (bytes)."""
+    return int(_DENSE_PEAK * 8 * n_obs * n_obs)
+
+
+def default_landmarks(n: int, K: int, budget: int | None) -> int:
+    """Landmark rows m for n training rows of K outputs: ``_DEFAULT_LANDMARK_COLUMNS`` / K,
+    at most half the rows (the rest is what the approximation is for) and at most what fits
+    ``_LANDMARK_SHARE`` of ``budget`` bytes."""
+    m = min(max(3, _DEFAULT_LANDMARK_COLUMNS // K), n // 2)
+    if budget is not None:
+        m = min(m, int(_LANDMARK_SHARE * budget) // (8 * K * n * K))
+    if m < 3:
+        raise MemoryError(
+            f"not even 3 landmark rows of the kernel (N = {n * K}) fit the memory budget of "
+            f"{budget / 2**30:.3g} GB; raise memory_budget_bytes or pass max_samples=."
+        )
+    return m
+
+
+def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple[str, int | None]:
+    """('dense', None) or ('nystrom', m landmark rows) for n rows of K outputs (M10)."""
+    budget = options.memory_budget_bytes
+    if budget is None:
+        budget = _available_bytes(_memory_device(device))
+    path = options.kernel
+    if path == "auto":
+        fits = budget is None or dense_peak_bytes(n * K) <= budget
+        path = "dense" if fits else "nystrom"
+    if path == "dense":
+        return "dense", None
+    m = options.landmarks or default_landmarks(n, K, budget)
+    if m >= n:
+        raise ValueError(
+            f"landmarks = {m} but there are only n = {n} training rows; use kernel='dense' "
+            "or fewer landmarks."
+        )
+    return "nystrom", m
+
+
+@dataclass(frozen=True)
+class InitialSpectra:
+    """What the stopper reads at theta0: the criteria's and the test's spectra, h = H u0
+    (N,) float64 on the model's device, the dense kernel when refreshes need it, and which
+    kernel backend and spectrum path ran."""
+
+    spectrum: KernelSpectrum
+    test_spectrum: KernelSpectrum
+    Hu0: torch.Tensor
+    H0: torch.Tensor | None
+    kernel_path: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def initial_spectra(
+    model: nn.Module,
+    X: torch.Tensor,
+    u0: torch.Tensor,
+    covariates: np.ndarray | None,
+    options: StopperOptions,
+    trained: list[torch.nn.Parameter],
+) -> InitialSpectra:
+    """The spectra of the kernel over the ``trained`` parameters at X (M1, M4, M5, M10)."""
+    n = X.shape[0]
+    K = u0.numel() // n
+    path, m = plan(n, K, options, device_dtype(model)[0])
+    seconds: dict[str, float] = {}
+    tic = time.perf_counter()
+    with trained_only(model, trained):
+        if path == "dense":
+            H, info = empirical_ntk(model, X, chunk_size=options.chunk_size, return_info=True)
+            seconds["kernel"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            spectrum = KernelSpectrum.from_kernel(H, u0)
+            test_spectrum = spectrum
+            if covariates is not None:
+                test_spectrum = KernelSpectrum.from_kernel(H, u0, covariates)
+            seconds["spectrum"] = time.perf_counter() - tic
+            return InitialSpectra(
+                spectrum=spectrum,
+                test_spectrum=test_spectrum,
+                Hu0=H @ u0.to(H.device),
+                H0=H if options.refresh_every_n_steps is not None else None,
+                kernel_path=info.path,
+                seconds=seconds,
+            )
+        if options.refresh_every_n_steps is not None:
+            raise ValueError(
+                f"refresh_every_n_steps needs the dense kernel, but N = {n * K} takes the "
+                "Nystrom path (METHOD M10); pass kernel='dense' (and enough memory_budget_bytes) "
+                "or drop refresh_every_n_steps."
+            )
+        assert m is not None
+        factor = nystrom_kernel(
+            model, X, landmarks=m, seed=options.seed, chunk_size=options.chunk_size
+        )
+        seconds["kernel"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        spectrum = factor.spectrum(u0)
+        test_spectrum = spectrum
+        # H u0 exactly (one vjp and one jvp over the rows), for the trajectory rule's D.
+        chunk = options.chunk_size or _PRODUCT_ROWS
+        products = [u0.to(torch.float64)]
+        if covariates is not None:
+            Q = factor.covariate_basis(covariates)
+            products.append(torch.from_numpy(Q).to(u0.device))
+        V = torch.column_stack(products)
+        HV = ntk_vector_product(model, X, V, chunk_size=chunk).to(torch.float64)
+        if covariates is not None:
+            test_spectrum = factor.spectrum(u0, covariates, kernel_times=HV[:, 1:].cpu().numpy())
+        seconds["spectrum"] = time.perf_counter() - tic
+    return InitialSpectra(
+        spectrum=spectrum,
+        test_spectrum=test_spectrum,
+        Hu0=HV[:, 0].to(u0.device),
+        H0=None,
+        kernel_path=factor.kernel_path,
+        seconds=seconds,
+    )
+
+
+# Rows per forward/backward pass of the exact kernel-vector products on the Nystrom path.
+_PRODUCT_ROWS = 4096

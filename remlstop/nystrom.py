@@ -1,0 +1,310 @@
+"""The large-N spectrum: eigenvalues and residual projections from landmark rows of the kernel.
+
+The dense path needs the N x N kernel (METHOD M1, M4). Here (M10) only m landmark rows of it
+are computed, C = H[S, :] (mK x N, exact entries from the same kernel backends), and H is
+approximated by its Nystrom projection H_S = C^T W^+ C (W = H[S, S]): the standard low-rank
+approximation of a kernel matrix, never above H (H - H_S is positive semi-definite), exact on
+the span of the landmarks' kernel columns. Everything is formed from C and m x m matrices: the
+r nonzero eigenvalues of H_S are those of M^T (C C^T) M with M = U Lambda^{-1/2} from W = U
+Lambda U^T, and z = V^T (B^T u0) / s with B = C^T M, so no N x r matrix is made (cost: C, then
+C C^T in O(N m^2)).
+
+The unresolved part H - H_S has trace tr H - sum(lambda), with tr H exact from per-row gradient
+norms. It enters the spectrum as one cluster: its dim - r directions share that trace equally,
+and the part of u0 outside the resolved span, ||u0||^2 - sum(z^2), is spread evenly over them
+(the residual there is treated as noise of the average unresolved eigenvalue). Every criterion
+and the test then read an ordinary :class:`~remlstop.spectrum.KernelSpectrum` of all N
+eigenvalues. ``SpectrumApproximation`` records what was resolved, so a user can see how much of
+the kernel and of the residual the tail holds, and raise ``landmarks`` when it is large.
+
+A sketch of the per-sample gradients (a Johnson-Lindenstrauss map) was measured as the other
+candidate and lost clearly: benchmarks/large_n.py compares them at a size where the dense
+spectrum is still available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import blas
+from torch import nn
+
+from .linalg import blas_threads, eigh_threads
+from .spectrum import KernelSpectrum, _orthonormal_basis, as_float64_vector, expand_covariates
+
+__all__ = [
+    "NystromKernel",
+    "SpectrumApproximation",
+    "choose_landmarks",
+    "nystrom_from_rows",
+    "nystrom_kernel",
+]
+
+# W's eigenvalues below this fraction of its largest are dropped: directions the landmarks do
+# not determine to float64 accuracy (W^{-1/2} would amplify their round-off).
+_RANK_TOL = 1e-10
+
+
+@dataclass(frozen=True)
+class SpectrumApproximation:
+    """How a large-N spectrum was obtained (METHOD M10), and how much of it is resolved.
+
+    Attributes:
+        method: 'nystrom'.
+        landmarks: m, the landmark rows (each brings K kernel rows).
+        rank: r, the resolved eigenvalues.
+        resolved_trace: sum of the resolved eigenvalues over tr H (of the compressed kernel
+            when covariates are projected off), in [0, 1].
+        tail_count: dim - r, the directions of the unresolved cluster.
+        tail_eigenvalue: their common eigenvalue, (tr H - sum resolved) / tail_count.
+        tail_energy: the share of ||u0||^2 outside the resolved span, in [0, 1].
+        seed: seeds the landmark draw.
+        seconds: wall-clock seconds for the landmark rows and the eigen-decomposition.
+    """
+
+    method: str
+    landmarks: int
+    rank: int
+    resolved_trace: float
+    tail_count: int
+    tail_eigenvalue: float
+    tail_energy: float
+    seed: int
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"Nystrom spectrum (M10) from {self.landmarks} landmark rows (seed {self.seed}): "
+            f"{self.rank} eigenvalues resolved, holding {self.resolved_trace:.1%} of tr H; the "
+            f"other {self.tail_count} directions as one cluster at lambda = "
+            f"{self.tail_eigenvalue:.3g} holding {self.tail_energy:.1%} of ||u0||^2"
+        )
+
+
+def choose_landmarks(n: int, seed: int, landmarks: int) -> np.ndarray:
+    """``landmarks`` distinct row indices of ``range(n)``, uniformly at random, ascending.
+
+    Drawn from a generator of their own (the user's global RNG is not touched)."""
+    if landmarks < 3 or landmarks > n:
+        raise ValueError(
+            f"landmarks must be between 3 and the number of rows n = {n}, got {landmarks}."
+        )
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=landmarks, replace=False))
+
+
+def _gram_rows(C: np.ndarray) -> np.ndarray:
+    """C C^T (mK x mK) by one symmetric rank-N update (BLAS syrk on the column-major C^T)."""
+    with blas_threads():
+        G = blas.dsyrk(1.0, C.T, trans=1, lower=1)
+    return np.tril(G) + np.tril(G, -1).T
+
+
+@dataclass(frozen=True)
+class NystromKernel:
+    """H approximated from its landmark rows (METHOD M10): H_S = B B^T, B = C^T M.
+
+    Attributes:
+        rows: C = H[S, :], (mK, N) float64, the landmark rows of the kernel.
+        landmark_rows: S as row indices of the kernel (mK,), ascending, row-major (i*K + k).
+        mixing: M = U Lambda^{-1/2} (mK, r0) from W = H[S, S] = U Lambda U^T.
+        gram: M^T C C^T M, (r0, r0): B^T B.
+        trace: tr H, exact.
+        landmarks: m, the landmark *training rows*; seed: their draw; seconds: time spent.
+        kernel_path: the NTK backend that computed the rows ('layerwise' or 'generic').
+    """
+
+    rows: np.ndarray
+    landmark_rows: np.ndarray
+    mixing: np.ndarray
+    gram: np.ndarray
+    trace: float
+    landmarks: int
+    seed: int
+    seconds: float = 0.0
+    kernel_path: str = ""
+
+    @property
+    def n_obs(self) -> int:
+        """N = n K, the residuals."""
+        return int(self.rows.shape[1])
+
+    def spectrum(
+        self,
+        residual: np.ndarray | torch.Tensor,
+        covariates: np.ndarray | torch.Tensor | None = None,
+        *,
+        kernel_times: np.ndarray | None = None,
+    ) -> KernelSpectrum:
+        """The spectrum of H_S plus the one-cluster tail (module docstring), for residual u0
+        (N entries, row-major).
+
+        With covariates Z ((N, q) or (n, q)) the kernel is compressed to Z's complement (M5),
+        as ``KernelSpectrum.from_kernel(H, u0, covariates=Z)`` does: B becomes P B, u0 becomes
+        P u0, and the trace tr(P H P) = tr H - tr(Q^T H Q) needs ``kernel_times`` = H Q (N, q)
+        for the orthonormal basis Q of Z (:meth:`covariate_basis`), computed exactly by the
+        caller (``remlstop.ntk.ntk_vector_product``).
+        """
+        tic = time.perf_counter()
+        u = as_float64_vector(residual, "residual")
+        N = self.n_obs
+        if u.size != N:
+            raise ValueError(
+                f"residual has {u.size} entries but the kernel has N = {N} rows; they must "
+                "match (N = rows x outputs, flattened row-major)."
+            )
+        M, S = self.mixing, self.gram
+        trace, q = self.trace, 0
+        if covariates is not None:
+            Q = self.covariate_basis(covariates)
+            q = Q.shape[1]
+            if kernel_times is None or np.shape(kernel_times) != Q.shape:
+                raise ValueError(
+                    f"covariates need kernel_times = H Q of shape {Q.shape} (Q from "
+                    "covariate_basis) for the compressed kernel's trace."
+                )
+            QB = (self.rows @ Q).T @ M  # Q^T B, (q, r0)
+            S = S - QB.T @ QB
+            u = u - Q @ (Q.T @ u)
+            trace -= float(np.einsum("ij,ij->", Q, np.asarray(kernel_times, dtype=np.float64)))
+        with blas_threads(eigh_threads(S.shape[0])):
+            s2, V = np.linalg.eigh((S + S.T) / 2)
+        keep = s2 > _RANK_TOL * max(float(s2[-1]), 1e-300)
+        s2, V = s2[keep], V[:, keep]
+        z = V.T @ (M.T @ (self.rows @ u)) / np.sqrt(s2)
+        dim = N - q
+        tail_count = dim - s2.size
+        resolved = float(s2.sum())
+        if tail_count < 1:
+            raise ValueError(
+                f"the landmarks resolve all {dim} directions: use the dense path (fewer "
+                "landmarks would leave an unresolved part)."
+            )
+        tail_trace = max(trace - resolved, 0.0)
+        energy = float(u @ u)
+        tail_energy = max(energy - float(z @ z), 0.0)
+        tail_lambda = tail_trace / tail_count
+        spectrum = KernelSpectrum.from_eigen(
+            np.concatenate([np.full(tail_count, tail_lambda), s2]),
+            np.concatenate([np.full(tail_count, math.sqrt(tail_energy / tail_count)), z]),
+            n_fixed=q,
+        )
+        info = SpectrumApproximation(
+            method="nystrom",
+            landmarks=self.landmarks,
+            rank=int(s2.size),
+            resolved_trace=resolved / max(resolved + tail_trace, 1e-300),
+            tail_count=tail_count,
+            tail_eigenvalue=tail_lambda,
+            tail_energy=tail_energy / energy if energy > 0 else 0.0,
+            seed=self.seed,
+            seconds=self.seconds + time.perf_counter() - tic,
+        )
+        return spectrum.with_approximation(info)
+
+    def covariate_basis(self, covariates: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Q, an orthonormal basis (N, q) of the covariates Z ((N, q) or (n, q)), as the dense
+        path builds it (M5)."""
+        return _orthonormal_basis(expand_covariates(covariates, self.n_obs))
+
+
+def nystrom_from_rows(
+    rows: np.ndarray | torch.Tensor,
+    landmark_rows: np.ndarray,
+    trace: float,
+    *,
+    landmarks: int | None = None,
+    seed: int = 0,
+) -> NystromKernel:
+    """Factor the landmark rows C = H[S, :] ((mK, N), S = ``landmark_rows``) of a kernel with
+    exact trace ``trace`` into a :class:`NystromKernel` (METHOD M10).
+
+    Pure linear algebra on the rows: W = C[:, S] = U Lambda U^T, M = U Lambda^{-1/2} on the
+    eigenvalues above ``_RANK_TOL`` of the largest, and the r0 x r0 Gram M^T C C^T M.
+    """
+    tic = time.perf_counter()
+    C = np.ascontiguousarray(
+        rows.detach().cpu().double().numpy() if isinstance(rows, torch.Tensor) else rows,
+        dtype=np.float64,
+    )
+    S = np.asarray(landmark_rows)
+    if C.ndim != 2 or C.shape[0] != S.size or C.shape[0] >= C.shape[1]:
+        raise ValueError(
+            f"rows must be (mK, N) with mK = {S.size} < N landmark rows of the kernel, got "
+            f"shape {tuple(C.shape)}."
+        )
+    if not np.isfinite(C).all():
+        raise ValueError(
+            "the landmark rows of the kernel contain NaN or inf; check the model's outputs."
+        )
+    W = C[:, S]
+    with blas_threads(eigh_threads(S.size)):
+        lam, U = np.linalg.eigh((W + W.T) / 2)
+    if lam[-1] <= 0:
+        raise ValueError(
+            "the kernel is zero on the landmark rows: the model's outputs do not depend on its "
+            "trainable parameters there."
+        )
+    keep = lam > _RANK_TOL * lam[-1]
+    M = U[:, keep] / np.sqrt(lam[keep])
+    gram = M.T @ _gram_rows(C) @ M
+    return NystromKernel(
+        rows=C,
+        landmark_rows=S,
+        mixing=M,
+        gram=gram,
+        trace=float(trace),
+        landmarks=int(landmarks if landmarks is not None else S.size),
+        seed=int(seed),
+        seconds=time.perf_counter() - tic,
+    )
+
+
+def nystrom_kernel(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    landmarks: int,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    memory_limit_bytes: int | None = None,
+) -> NystromKernel:
+    """The Nystrom factorisation of the model's empirical NTK at ``x`` (METHOD M1, M10).
+
+    Args:
+        model: the network; derivatives over its trainable parameters (eval mode, left as found).
+        x: training inputs (n, ...); the kernel has N = n K rows.
+        landmarks: m, training rows drawn uniformly at random (seeded by ``seed``) whose K
+            kernel rows each are computed exactly: memory m K x N float64 for C.
+        chunk_size, memory_limit_bytes: passed to :func:`remlstop.ntk.empirical_ntk`.
+
+    Returns:
+        :class:`NystromKernel`; ``.spectrum(u0)`` gives the spectrum every criterion reads.
+    """
+    from .ntk import empirical_ntk, ntk_trace
+
+    tic = time.perf_counter()
+    n = x.shape[0]
+    chosen = choose_landmarks(n, seed, landmarks)
+    index = torch.as_tensor(chosen, device=x.device)
+    C, info = empirical_ntk(
+        model,
+        x,
+        x[index],
+        chunk_size=chunk_size,
+        memory_limit_bytes=memory_limit_bytes,
+        return_info=True,
+    )
+    K = C.shape[0] // landmarks
+    # The cross kernel J(x_S) J(x)^T is divided by N as H is (M1), so C = H[S, :].
+    rows = (chosen[:, None] * K + np.arange(K)[None, :]).reshape(-1)
+    factor = nystrom_from_rows(
+        C, rows, ntk_trace(model, x, chunk_size=chunk_size), landmarks=landmarks, seed=seed
+    )
+    del C
+    return dataclasses.replace(factor, seconds=time.perf_counter() - tic, kernel_path=info.path)
