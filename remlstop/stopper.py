@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._baseline import Baseline, KernelView
-from ._model import device_dtype, evaluate, optimizer_parameters
+from ._model import device_dtype, evaluate, optimizer_parameters, trained_only
 from ._spectra import initial_spectra
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import evaluate_criteria
@@ -383,9 +383,10 @@ class REMLStopper:
 
     def _refresh(self, k: int) -> None:
         """Recompute the NTK at the current parameters, record drift, re-estimate t-hat (M6)."""
-        H, _ = empirical_ntk(
-            self.model, self._X, chunk_size=self.options.chunk_size, return_info=True
-        )
+        with trained_only(self.model, optimizer_parameters(self.model, self.optimizer)):
+            H, _ = empirical_ntk(
+                self.model, self._X, chunk_size=self.options.chunk_size, return_info=True
+            )
         base = self._baseline
         assert base is not None and self.clock is not None
         drift = math.nan

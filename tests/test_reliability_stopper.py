@@ -101,3 +101,18 @@ def test_step_after_load_state_dict_without_start_says_what_to_do():
         resumed.step()
     resumed.start()
     assert resumed.step() is False
+
+
+def test_a_refresh_takes_the_kernel_over_the_optimizers_parameters_too():
+    m, X, Y, _ = _repro()
+    head_only = torch.optim.SGD(m[2].parameters(), lr=1e-6)
+    with pytest.warns(RuntimeWarning, match="trainable parameter tensors"):
+        stopper = REMLStopper(m, X, Y, optimizer=head_only, refresh_every_n_steps=1)
+        decision = stopper.start()
+    _gd(m, head_only, X, Y)
+    stopper.step()
+    # A step of 1e-6 barely moves the head: the refreshed kernel is the initial one, over the
+    # head's parameters (over all of them it would be another kernel and stop time).
+    check = next(c for c in stopper.history if c.t_hat is not None)
+    assert check.drift == pytest.approx(0.0, abs=1e-4)
+    assert check.t_hat == pytest.approx(decision.t_target, rel=1e-3)
