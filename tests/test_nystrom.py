@@ -169,3 +169,31 @@ def test_the_nystrom_path_refuses_refreshes_it_cannot_measure():
     stopper, _ = _stopper(memory_budget_bytes=2_000_000, refresh_every_n_steps=50)
     with pytest.raises(ValueError, match="refresh_every_n_steps needs the dense kernel"):
         stopper.start()
+
+
+def test_the_trajectory_rule_reads_the_exact_h_u0_on_the_nystrom_path():
+    stops = {}
+    for kernel in ("dense", "nystrom"):
+        stopper, model = _stopper(kernel=kernel, landmarks=200, rule="trajectory")
+        x, y = stopper._data
+        opt = stopper.optimizer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stopper.start()
+        if kernel == "nystrom":
+            H = empirical_ntk(model, x)
+            u0 = stopper._baseline.u0
+            # H u0 by one vjp and one jvp in the model's float32: float32-accurate.
+            torch.testing.assert_close(
+                stopper._kernel.Hu0, H @ u0, rtol=1e-4, atol=1e-6 * float(H.abs().max())
+            )
+        for _ in range(3000):
+            opt.zero_grad()
+            (0.5 * ((model(x) - y) ** 2).mean()).backward()
+            opt.step()
+            if stopper.step():
+                break
+        stops[kernel] = stopper.stop_step
+    # D reads H u0 and lambda-bar = tr H / N, both exact on this path: the same stop step
+    # (61) was measured; 2% allows for float32 products.
+    assert stops["nystrom"] == pytest.approx(stops["dense"], rel=0.02)
