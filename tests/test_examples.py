@@ -94,3 +94,51 @@ def test_lightning_example_via_demo(tmp_path):
     assert "MSE at the stop" in out and "wall clock: trainer.fit" in out
     if _has_matplotlib():
         assert (tmp_path / "lightning_mlp.png").exists()
+
+
+def _digits_report(out: str, mode: str) -> dict[str, float]:
+    """One mode's target steps, stop step (nan: not reached) and test accuracy at the stop."""
+    target = re.search(rf"\[{mode}\] decision: TRAIN .* = ([\d.]+) steps;", out)
+    assert target, out
+    facts = {"target": float(target.group(1)), "stop": float("nan")}
+    stop = re.search(rf"\[{mode}\] stop  : step +(\d+)  test MSE [\d.]+  accuracy ([\d.]+)", out)
+    if stop:
+        facts.update(stop=float(stop.group(1)), acc_stop=float(stop.group(2)))
+    return facts
+
+
+def test_digits_cnn_plain_and_lightning_agree(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("lightning")
+    out = _run("digits_cnn.py", "--n-train", "60", "--steps", "1600", "--out", str(tmp_path))
+    assert out.count("remlstop decision: TRAIN") == 2, out
+    plain, lightning = _digits_report(out, "plain"), _digits_report(out, "lightning")
+    # Seed 0: the default criterion stops at 1540.9 steps, inside the budget; the time rule
+    # takes the step nearest the target (printed to 0.1 step).
+    assert plain["target"] < 1600
+    assert abs(plain["stop"] - plain["target"]) <= 0.55, out
+    assert f"stopper.step() first returned True at step {plain['stop']:.0f}" in out
+    assert re.search(r"\[plain\] budget: step +1600  test MSE", out), out
+    # The same seeded network, rows, order and optimizer: the same decision, stop and network.
+    assert lightning["target"] == plain["target"] and lightning["stop"] == plain["stop"], out
+    assert f"Lightning: halted at step {plain['stop']:.0f}" in out
+    gap = re.search(r"plain vs Lightning: the same stop step .*at the stop (\S+)", out)
+    assert gap and float(gap.group(1)) < 1e-6, out
+    # Ten classes, chance 0.10; at the stop on the 500 held-out rows seed 0 gives 0.856 (seeds
+    # 1 and 2, at this lr, 0.908 and 0.800).
+    assert plain["acc_stop"] > 0.75, out
+    if _has_matplotlib():
+        assert (tmp_path / "digits_cnn.png").exists()
+
+
+def test_digits_cnn_budget_before_stop():
+    pytest.importorskip("sklearn")
+    pytest.importorskip("lightning")
+    out = _run("digits_cnn.py", "--n-train", "60", "--steps", "300", "--no-plot")
+    for mode in ("plain", "lightning"):
+        assert _digits_report(out, mode)["target"] > 300, out
+        assert f"[{mode}] stop: not reached within 300 steps" in out
+        assert re.search(rf"\[{mode}\] budget: step +300  test MSE", out), out
+    assert "stopper.step() first returned True" not in out
+    assert "Lightning: trained to the budget, 300 steps" in out
+    assert "plain vs Lightning: the same stop step (None vs None)" in out
