@@ -1,8 +1,9 @@
 """The stopper's initial spectra, from the dense kernel or from landmark rows (METHOD M4, M10).
 
 Which path runs is decided here once: the dense N x N kernel when its peak fits the memory
-budget (``memory_budget_bytes``, default what the kernel's device has available now), the
-Nystrom spectrum otherwise (or when ``kernel='nystrom'`` asks for it). Both give the stopper the
+budget (``memory_budget_bytes``, default what the kernel's device has available now) and, on a
+CPU, N is at most ``_DENSE_CPU_MAX_N``; the Nystrom spectrum otherwise (or when
+``kernel='nystrom'`` asks for it). Both give the stopper the
 same things: the criteria's spectrum, the test's spectrum, H u0 for the trajectory rule and, for
 refreshes, the dense kernel itself.
 """
@@ -27,6 +28,9 @@ __all__ = ["InitialSpectra", "default_landmarks", "dense_peak_bytes", "initial_s
 # The dense decision's peak over the kernel's N^2 x 8 bytes: 1.92 measured at n = 3,000
 # (benchmarks/peak_memory.py), rounded up.
 _DENSE_PEAK = 2.0
+# Above this N a CPU's dense decision takes too long to be a default: 258 s at N = 10,000 on
+# two cores (benchmarks/large_n.py), growing as N^3 (about 35 min at 20,000, 2 h at 30,000).
+_DENSE_CPU_MAX_N = 20_000
 # Landmark columns (m K) by default: the cost grows as N (m K)^2, about two minutes at
 # N = 10^5 on two cores (benchmarks/large_n.py); more resolve more of the kernel.
 _DEFAULT_LANDMARK_COLUMNS = 4096
@@ -63,7 +67,8 @@ def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple
     path = options.kernel
     if path == "auto":
         fits = budget is None or dense_peak_bytes(n * K) <= budget
-        path = "dense" if fits else "nystrom"
+        quick = device.type != "cpu" or n * K <= _DENSE_CPU_MAX_N
+        path = "dense" if fits and quick else "nystrom"
     if path == "dense":
         return "dense", None
     m = options.landmarks or default_landmarks(n, K, budget)

@@ -71,8 +71,9 @@ class StopperOptions:
             time is unchanged; the test costs a second eigendecomposition.
         kernel: 'dense' (the N x N kernel, exact), 'nystrom' (the large-N spectrum from
             ``landmarks`` rows of the kernel, METHOD M10) or 'auto': dense when its estimated
-            peak (about 2 N^2 x 8 bytes) fits ``memory_budget_bytes``, Nystrom otherwise. The
-            decision says which ran and how much of the kernel it resolved.
+            peak (about 2 N^2 x 8 bytes) fits ``memory_budget_bytes`` and, on a CPU,
+            N <= 20,000 (the dense decision grows as N^3: 258 s at N = 10,000 on two cores);
+            Nystrom otherwise. The decision says which ran and how much it resolved.
         landmarks: training rows whose kernel rows the Nystrom path computes (None: 4096 / K,
             at most n / 2, within half the budget). More resolve more of the kernel and cost
             N (m K)^2.

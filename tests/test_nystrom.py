@@ -197,3 +197,19 @@ def test_the_trajectory_rule_reads_the_exact_h_u0_on_the_nystrom_path():
     # D reads H u0 and lambda-bar = tr H / N, both exact on this path: the same stop step
     # (61) was measured; 2% allows for float32 products.
     assert stops["nystrom"] == pytest.approx(stops["dense"], rel=0.02)
+
+
+def test_auto_keeps_a_cpu_on_the_dense_path_up_to_n_20000_only():
+    from remlstop._spectra import plan
+
+    cpu = torch.device("cpu")
+    roomy = StopperOptions(memory_budget_bytes=10**13)
+    assert plan(20_000, 1, roomy, cpu) == ("dense", None)
+    assert plan(20_001, 1, roomy, cpu) == ("nystrom", 4096)
+    assert plan(10_001, 2, roomy, cpu) == ("nystrom", 2048)
+    assert plan(20_001, 1, StopperOptions(kernel="dense"), cpu) == ("dense", None)
+    assert plan(5_000, 1, StopperOptions(kernel="nystrom"), cpu) == ("nystrom", 2500)
+    with pytest.raises(ValueError, match="only n = 300 training rows"):
+        plan(300, 1, StopperOptions(kernel="nystrom", landmarks=300), cpu)
+    with pytest.raises(MemoryError, match="not even 3 landmark rows"):
+        plan(10**6, 1, StopperOptions(memory_budget_bytes=10**6), cpu)
