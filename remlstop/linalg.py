@@ -298,11 +298,13 @@ def _tridiagonal_projection(
     the spectrum (:func:`_block_ends`), so the blocks are orthogonal to one another. Only one
     block of S is held at a time, about N x N/4, where divide and conquer would hold all of S
     and an N x N workspace besides (benchmarks/peak_memory.py measures the peak). If MRRR fails,
-    or the blocks do not keep w's norm (so were not orthogonal), divide and conquer runs instead.
+    or the blocks do not keep w's norm (so were not orthogonal), divide and conquer runs instead;
+    below ``_MRRR_FROM`` rows it runs from the start, being several times faster there
+    (benchmarks/eigh_threads.py) for at most 2 x 32 MB of eigenvectors and workspace.
     """
     n = diag.size
     evals, info = lapack.dstevd(diag, offdiag, compute_v=0)[::2]
-    if info == 0:
+    if info == 0 and n >= _MRRR_FROM:
         z = np.empty((n, w.shape[1]))
         lo = 0
         for hi in _block_ends(evals, -(-n // _EIGENVECTOR_BLOCKS)):
@@ -328,4 +330,5 @@ def _tridiagonal_projection(
 # Eigenvectors of T come in about this many column blocks, split only across relative gaps of
 # at least _BLOCK_GAP (LAPACK dlarrv's MINRGP, below which MRRR treats eigenvalues as a cluster).
 _EIGENVECTOR_BLOCKS = 4
+_MRRR_FROM = 2048
 _BLOCK_GAP = 1e-3

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from threadpoolctl import threadpool_info
 
@@ -92,6 +93,13 @@ def _kernel_with_clusters(rng: np.random.Generator, n: int = 400) -> np.ndarray:
     return (H + H.T) / 2
 
 
+@pytest.fixture
+def mrrr_at_any_size(monkeypatch):
+    """Blocked MRRR runs from 2,048 rows; the tests take it at small sizes too."""
+    monkeypatch.setattr(linalg, "_MRRR_FROM", 0)
+
+
+@pytest.mark.usefixtures("mrrr_at_any_size")
 def test_blocked_eigenvectors_keep_clusters_whole_and_match_a_full_eigendecomposition():
     rng = np.random.default_rng(11)
     H = _kernel_with_clusters(rng)
@@ -114,6 +122,7 @@ def test_blocked_eigenvectors_keep_clusters_whole_and_match_a_full_eigendecompos
     assert not any(0 < e < 150 or 150 < e < 190 for e in ends)
 
 
+@pytest.mark.usefixtures("mrrr_at_any_size")
 def test_blocked_eigenvectors_fall_back_to_divide_and_conquer_when_mrrr_fails(monkeypatch):
     rng = np.random.default_rng(12)
     H = _kernel_with_clusters(rng, 200)
@@ -132,6 +141,7 @@ def test_blocked_eigenvectors_fall_back_to_divide_and_conquer_when_mrrr_fails(mo
     np.testing.assert_allclose(z @ z, u @ u, rtol=1e-12)
 
 
+@pytest.mark.usefixtures("mrrr_at_any_size")
 def test_a_symmetric_matrix_is_its_own_workspace_and_is_restored_bit_for_bit():
     rng = np.random.default_rng(13)
     A = rng.standard_normal((300, 50))
