@@ -168,8 +168,24 @@ def main() -> None:
             continue
         (RESULTS / f"large_n_{name}.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
-    with open(RESULTS / "large_n.csv", "a", newline="") as fh:
+    table = RESULTS / "large_n.csv"
+    new_table = not table.exists()
+    with open(table, "a", newline="") as fh:
         writer = csv.writer(fh)
+        if new_table:
+            writer.writerow(
+                [
+                    "commit",
+                    "n",
+                    "kernel",
+                    "landmarks",
+                    "seed",
+                    "seconds",
+                    "peak_gb",
+                    "pvalue",
+                    "steps",
+                ]
+            )
         for r in rows:
             writer.writerow(
                 [
