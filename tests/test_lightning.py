@@ -356,6 +356,24 @@ def test_a_non_default_criterion_survives_a_checkpoint(tmp_path):
         )
 
 
+def test_the_nystrom_path_runs_in_the_trainer_and_survives_a_checkpoint(tmp_path):
+    x, y = _data()
+    opts = {"kernel": "nystrom", "landmarks": 60}
+    full, cb_full, _ = _fit(lr=0.05, cb_kwargs=opts)
+    stop = full.global_step
+    approx = cb_full.decision.approximation
+    assert approx is not None and approx.landmarks == 60 and approx.tail_count == N_TRAIN - 60
+    assert stop == round(cb_full.decision.fit.t / (2 * A * 0.05))
+    first = _trainer([REMLEarlyStopping(**PAPER, **opts)], max_steps=stop // 2)
+    first.fit(Regressor(lr=0.05), _loader(x, y))
+    ckpt = tmp_path / "half.ckpt"
+    first.save_checkpoint(ckpt)
+    cb = REMLEarlyStopping(**PAPER, **opts)
+    _trainer([cb]).fit(Regressor(lr=0.05), _loader(x, y), ckpt_path=ckpt, weights_only=True)
+    assert cb.stopper.stop_step == stop
+    assert cb.decision.approximation == approx
+
+
 # ------------------------------------------------------------------------------ DDP
 def test_ddp_two_processes_stop_on_the_same_step_as_one(tmp_path):
     pytest.importorskip("torch.distributed")
