@@ -93,6 +93,32 @@ def test_landmark_rows_are_the_dense_kernels_rows_and_the_trace_is_exact():
     assert factor.kernel_path == "layerwise"
 
 
+@pytest.mark.parametrize("network", ["three_outputs", "generic"])
+def test_landmark_rows_follow_the_row_major_order_on_both_backends(network):
+    torch.manual_seed(0)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    if network == "three_outputs":
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+        ).double()
+    else:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        ).double()
+    factor = nystrom_kernel(model, x, landmarks=10, seed=1)
+    H = empirical_ntk(model, x).numpy()
+    K = H.shape[0] // 40
+    assert factor.landmark_rows.size == 10 * K
+    assert factor.kernel_path == ("layerwise" if network == "three_outputs" else "generic")
+    np.testing.assert_allclose(factor.rows, H[factor.landmark_rows], rtol=1e-10, atol=1e-14)
+    rows = factor.landmark_rows.reshape(10, K)
+    assert np.array_equal(rows % K, np.tile(np.arange(K), (10, 1)))
+    u0 = np.random.default_rng(0).standard_normal(40 * K)
+    spectrum = factor.spectrum(u0)
+    assert spectrum.dim == 40 * K
+    assert spectrum.trace == pytest.approx(np.trace(H), rel=1e-10)
+
+
 def test_bad_landmarks_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="between 3 and the number of rows"):
         choose_landmarks(10, seed=0, landmarks=11)
