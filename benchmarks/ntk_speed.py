@@ -11,8 +11,10 @@ once, giving the full per-sample Jacobian dict, then one ``einsum`` per paramete
 float32. It is skipped where its estimated peak (3.5 × the float32 Jacobian + 0.3 GB, fitted to
 measurements on this machine) exceeds 12 GB.
 
-Usage: ``OMP_NUM_THREADS=2 python benchmarks/ntk_speed.py [--quick] [--repeats 3]``; writes
-``benchmarks/results/ntk_speed.md`` and ``.csv``.
+Usage: ``OMP_NUM_THREADS=2 python benchmarks/ntk_speed.py [--quick] [--repeats 3]
+[--models cnn,lenet,lenet10]``; writes ``benchmarks/results/ntk_speed.md`` and ``.csv``. With
+``--models`` only those models are measured and the committed rows of the others are kept, each
+row with the command and commit that measured it (the full run takes about 15 minutes).
 """
 
 from __future__ import annotations
@@ -58,7 +60,29 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
             nn.Linear(16 * 12 * 12, 1),
         )
         return model, (1, 16, 16)
+    if name in ("lenet", "lenet10"):  # LeNet-5-sized, on 28 × 28 images
+        model = nn.Sequential(
+            nn.Conv2d(1, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(256, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, 10 if name == "lenet10" else 1),
+        )
+        return model, (1, 28, 28)
     raise ValueError(name)
+
+
+def outputs_per_row(model_name: str) -> int:
+    model, shape = build_model(model_name)
+    with torch.no_grad():
+        return model(torch.zeros(1, *shape)).numel()
 
 
 def naive_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -122,14 +146,17 @@ def measure(model_name: str, method: str, n: int, repeats: int) -> dict[str, flo
 
 def baseline_fits(model_name: str, n: int) -> bool:
     model, _ = build_model(model_name)
-    K = 3 if model_name == "mlp3" else 1
+    K = outputs_per_row(model_name)
     P = sum(p.numel() for p in model.parameters())
     return 3.5 * n * K * P * 4 + 0.3e9 <= BASELINE_LIMIT_BYTES
 
 
+MODELS = ("mlp500", "mlp3", "cnn", "lenet", "lenet10")
+
+
 def configs(quick: bool) -> list[tuple[str, int]]:
     if quick:
-        return [("mlp500", 200), ("mlp3", 100), ("cnn", 100)]
+        return [("mlp500", 200), ("mlp3", 100), ("cnn", 100), ("lenet", 100)]
     return [
         ("mlp500", 480),
         ("mlp500", 1000),
@@ -137,6 +164,8 @@ def configs(quick: bool) -> list[tuple[str, int]]:
         ("mlp500", 4000),
         ("mlp3", 500),
         ("cnn", 500),
+        ("lenet", 1000),
+        ("lenet10", 1000),
     ]
 
 
@@ -152,6 +181,43 @@ def ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None or b <= 0 else f"{a / b:.1f}×"
 
 
+FIELDS = ["model", "n", "P", "K"] + [
+    f"{m}_{q}" for m in ("layerwise", "generic", "baseline") for q in ("seconds", "peak_bytes")
+]
+"""Columns of the CSV, then the provenance of each row: ``run`` (its command and commit)."""
+
+
+def git_commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def previous_rows(models: list[str]) -> tuple[list[dict[str, object]], list[str]]:
+    """The rows of the committed results for the models not measured now, with their run
+    (command and commit; a file written before runs were recorded: its first line and the
+    commit that last wrote it), and its large-n line when mlp500 is not measured now."""
+    csv_path, md_path = RESULTS / "ntk_speed.csv", RESULTS / "ntk_speed.md"
+    if not csv_path.exists() or not md_path.exists():
+        return [], []
+    lines = md_path.read_text().splitlines()
+    old_commit = subprocess.run(
+        ["git", "log", "-1", "--format=%h", "--", str(csv_path)], capture_output=True, text=True
+    ).stdout.strip()
+    old_run = f"{lines[0]} (results committed in {old_commit})"
+    with open(csv_path, newline="") as fh:
+        kept = [r for r in csv.DictReader(fh) if r["model"] not in models]
+    rows: list[dict[str, object]] = []
+    for r in kept:
+        row: dict[str, object] = {k: (float(r[k]) if r.get(k) else None) for k in FIELDS[4:]}
+        row["model"], row["n"], row["P"] = r["model"], int(r["n"]), int(r["P"])
+        row["K"] = int(r["K"]) if r.get("K") else outputs_per_row(r["model"])
+        row["run"] = r.get("run") or old_run
+        rows.append(row)
+    large = [line for line in lines if line.startswith("Fast path at n =")]
+    return rows, large if "mlp500" not in models else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -162,6 +228,12 @@ def main() -> None:
         "--large-n", type=int, default=20000, help="n for the one large fast-path run (0: skip)"
     )
     parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated models to measure (default: all); the committed rows of the "
+        "others are kept, each with the command and commit that measured it",
+    )
+    parser.add_argument(
         "--worker", nargs=3, metavar=("MODEL", "METHOD", "N"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -169,21 +241,26 @@ def main() -> None:
         model_name, method, n = args.worker
         print(json.dumps(worker(model_name, method, int(n))))
         return
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
 
     command = (
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '<unset>')} "
         f"{os.path.relpath(sys.executable)} benchmarks/ntk_speed.py {' '.join(sys.argv[1:])}"
     )
+    run = f"`{command}` at commit {git_commit()}"
     load_start = os.getloadavg()[0]
     rows = []
     for model_name, n in configs(args.quick):
+        if model_name not in models:
+            continue
         model, _ = build_model(model_name)
         P = sum(p.numel() for p in model.parameters())
-        result: dict[str, object] = {"model": model_name, "n": n, "P": P}
-        methods = (
-            ["layerwise", "generic", "baseline"] if model_name != "cnn" else ["generic", "baseline"]
-        )
-        for method in methods:
+        K = outputs_per_row(model_name)
+        result: dict[str, object] = {"model": model_name, "n": n, "P": P, "K": K, "run": run}
+        for method in ("layerwise", "generic", "baseline"):
             if method == "baseline" and not baseline_fits(model_name, n):
                 result[f"{method}_seconds"] = result[f"{method}_peak_bytes"] = None
                 continue
@@ -194,27 +271,35 @@ def main() -> None:
             )
             print(model_name, n, method, m, flush=True)
         rows.append(result)
-    large = None
-    if not args.quick and args.large_n:
+    large_lines: list[str] = []
+    if not args.quick and args.large_n and "mlp500" in models:
         large = measure("mlp500", "layerwise", args.large_n, 1)
         print("large", args.large_n, large, flush=True)
+        large_lines = [
+            f"Fast path at n = {args.large_n} (mlp500, one run): {large['seconds']:.1f} s, "
+            f"peak {large['peak_bytes'] / 1e9:.2f} GB (the float64 kernel alone is "
+            f"{args.large_n**2 * 8 / 1e9:.2f} GB)."
+        ]
     load_end = os.getloadavg()[0]
-    write_results(rows, large, args, command, load_start, load_end)
+    if not args.quick and set(models) != set(MODELS):
+        kept, kept_large = previous_rows(models)
+        order = {name: i for i, name in enumerate(MODELS)}
+        rows = sorted(kept + rows, key=lambda r: (order[str(r["model"])], int(r["n"])))
+        large_lines = large_lines or kept_large
+    write_results(rows, large_lines, args, run, load_start, load_end)
 
 
-def write_results(rows, large, args, command, load_start, load_end) -> None:
+def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fields = ["model", "n", "P"] + [
-        f"{m}_{q}" for m in ("layerwise", "generic", "baseline") for q in ("seconds", "peak_bytes")
-    ]
     with open(RESULTS / "ntk_speed.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer = csv.DictWriter(fh, fieldnames=[*FIELDS, "run"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: r.get(k) for k in fields})
+            writer.writerow({k: r.get(k) for k in [*FIELDS, "run"]})
+    runs = list(dict.fromkeys(str(r["run"]) for r in rows))
     g = lambda r, k: r.get(k)  # noqa: E731
     lines = [
-        f"`{command}`",
+        run,
         "",
         "# Empirical NTK: speed and peak memory",
         "",
@@ -223,44 +308,52 @@ def write_results(rows, large, args, command, load_start, load_end) -> None:
         f"{load_start:.1f}, at end {load_end:.1f}: the machine was shared with other jobs, so "
         "absolute times are noisy; the ratios compare methods measured in the same run.",
         "",
+        "Runs (the `run` column; a row's ratios compare methods of the same run). `--models` "
+        "measures only the models it names and keeps the committed rows of the others, so the "
+        "rows of an earlier run were not measured again:",
+        "",
+        *[f"{i + 1}. {r}" for i, r in enumerate(runs)],
+        "",
         "Peak memory = peak RSS of the measuring process (`ru_maxrss`) minus its RSS just before "
         "the call (after building the model and inputs and a warm-up on 8 rows): the extra "
         "memory the call needs, the kernel included. Baseline = `vmap(jacrev)` over all rows + "
-        '`einsum` per parameter, float32; "—" = skipped (estimated peak above 12 GB) or not '
-        "applicable (no layerwise path for the CNN). Fast = layerwise path; both library paths "
-        "return float64. The models are float32: the generic path holds its Jacobian chunks in "
-        "float32 and multiplies them in float32 in groups of 65,536 parameters accumulated in "
-        "float64 (relative error about 1e-7); its chunk budget is the default 1 GiB, so at most "
-        "two chunks of 1,046 rows of the mlp500 Jacobian are alive at once.",
+        '`einsum` per parameter, float32; "—" = skipped (estimated peak above 12 GB). Fast = '
+        "layerwise path; both library paths return float64. The models are float32: the "
+        "generic path holds its Jacobian chunks in float32 and multiplies them in float32 in "
+        "groups of 65,536 parameters accumulated in float64 (relative error about 1e-7), and "
+        "so does the layerwise path with the per-sample gradients of conv layers; its chunk "
+        "budget is the default 1 GiB, so at most two chunks of 1,046 rows of the mlp500 "
+        "Jacobian are alive at once.",
         "",
-        "| model | n | P | fast s | generic s | baseline s | fast GB | generic GB | baseline GB "
-        "| baseline/fast time | baseline/generic time | baseline/fast mem | baseline/generic mem |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | n | K | P | fast s | generic s | baseline s | fast GB | generic GB | "
+        "baseline GB | generic/fast time | baseline/fast time | baseline/generic time | "
+        "baseline/fast mem | baseline/generic mem | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['n']} | {r['P']:,} | {fmt_s(g(r, 'layerwise_seconds'))} | "
+            f"| {r['model']} | {r['n']} | {r['K']} | {r['P']:,} | "
+            f"{fmt_s(g(r, 'layerwise_seconds'))} | "
             f"{fmt_s(g(r, 'generic_seconds'))} | {fmt_s(g(r, 'baseline_seconds'))} | "
             f"{fmt_gb(g(r, 'layerwise_peak_bytes'))} | {fmt_gb(g(r, 'generic_peak_bytes'))} | "
             f"{fmt_gb(g(r, 'baseline_peak_bytes'))} | "
+            f"{ratio(g(r, 'generic_seconds'), g(r, 'layerwise_seconds'))} | "
             f"{ratio(g(r, 'baseline_seconds'), g(r, 'layerwise_seconds'))} | "
             f"{ratio(g(r, 'baseline_seconds'), g(r, 'generic_seconds'))} | "
             f"{ratio(g(r, 'baseline_peak_bytes'), g(r, 'layerwise_peak_bytes'))} | "
-            f"{ratio(g(r, 'baseline_peak_bytes'), g(r, 'generic_peak_bytes'))} |"
+            f"{ratio(g(r, 'baseline_peak_bytes'), g(r, 'generic_peak_bytes'))} | "
+            f"{runs.index(str(r['run'])) + 1} |"
         )
     lines += [
         "",
         "Models: mlp500 = the paper's MLP (10 → 500 → 500 → 1, ReLU); mlp3 = 10 → 256 → 256 → 3 "
         "(tanh, K = 3, N = 3n); cnn = Conv2d(1,16,3)-ReLU-Conv2d(16,16,3)-ReLU-Flatten-Linear on "
-        "1×16×16 inputs (generic path only).",
+        "1×16×16 inputs; lenet = Conv2d(1,6,5)-ReLU-MaxPool2d(2)-Conv2d(6,16,5)-ReLU-MaxPool2d(2)"
+        "-Flatten-Linear(256,120)-ReLU-Linear(120,84)-ReLU-Linear(84,1) on 1×28×28 inputs "
+        "(random), lenet10 the same with 10 outputs (N = 10n).",
     ]
-    if large is not None:
-        lines += [
-            "",
-            f"Fast path at n = {args.large_n} (mlp500, one run): {large['seconds']:.1f} s, "
-            f"peak {large['peak_bytes'] / 1e9:.2f} GB (the float64 kernel alone is "
-            f"{args.large_n**2 * 8 / 1e9:.2f} GB).",
-        ]
+    if large_lines:
+        lines += ["", *large_lines]
     (RESULTS / "ntk_speed.md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,13 +1,23 @@
-"""Layer-wise backend of the empirical NTK (METHOD M1): the exact dense kernel from layer factors.
+"""Layer-wise backend of the empirical NTK (METHOD M1): the exact dense kernel from layer features.
 
-Networks made only of ``nn.Linear`` layers and parameter-free row-wise modules (elementwise
-activations, ``Flatten``, ``Dropout``), possibly in nested ``nn.Sequential``, each parameter used
-once (a layer applied twice or a tied weight would need the cross terms between its uses, so
-such networks take the generic backend). For a Linear layer with input activations A (n × d_in)
-and output gradients G_k (n × d_out) of output k, the per-row gradient of its weight is the
-outer product G_k[i] A[i]ᵀ, so its kernel block is (A Aᵀ + 1[bias]) ⊙ (G_k G_lᵀ): per-sample
-gradients are never formed and the cost is that of Gram matrices of the activations. A wrapper
-(a LightningModule whose ``forward`` calls ``self.net``) gets this backend through
+Networks made only of ``nn.Linear`` and ``nn.Conv2d`` layers and parameter-free row-wise modules
+(elementwise activations, 2-D pooling, ``Flatten``, ``Unflatten``, ``Dropout``), possibly in
+nested ``nn.Sequential``, each parameter used once (a layer applied twice or a tied weight would
+need the cross terms between its uses, so such networks take the generic backend). Each layer
+with a trainable parameter contributes one block to every kernel entry:
+
+* Linear, from factors: with input activations A (n × d_in) and output gradients G_k
+  (n × d_out) of output k, the per-row gradient of the weight is the outer product G_k[i] A[i]ᵀ,
+  so the block is (A Aᵀ + 1[bias]) ⊙ (G_k G_lᵀ): per-sample gradients are never formed and the
+  cost is that of Gram matrices of the activations.
+* Conv2d, from flat per-sample gradients Φ: the weight gradient of row i and output k is
+  Σ_p G_ik[:, p] U_i[:, p]ᵀ over the output positions p, with U_i the row's unfolded (padded)
+  input patches, group by group, and the bias gradient is Σ_p G_ik[:, p]. These are small
+  (c_out × c_in/groups × kh × kw values), so they are formed for every row, all rows of a chunk
+  at once as the weight gradient of one grouped convolution, and the block is Φ Φᵀ, far cheaper
+  than the factor formula over pairs of positions.
+
+A wrapper (a LightningModule whose ``forward`` calls ``self.net``) gets this backend through
 :func:`delegate`.
 
 The functions here assume the checks and the model preservation of :mod:`remlstop.ntk`.
@@ -21,16 +31,17 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from ._model import check_outputs
-from ._ntk_generic import symmetrize_
+from ._ntk_generic import PRODUCT_GROUP, symmetrize_, work_dtype
 
 # Parameter-free modules that act on each row on its own; in eval mode dropout is the identity.
+# Pooling acts on each channel of each row (the checks below make sure it sees a batch).
 _ROWWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
-    nn.PReLU,
     nn.ELU,
     nn.CELU,
     nn.SELU,
@@ -47,8 +58,16 @@ _ROWWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Tanhshrink,
     nn.Identity,
     nn.Flatten,
+    nn.Unflatten,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
     nn.modules.dropout._DropoutNd,
 )
+
+_LAYERS = (nn.Linear, nn.Conv2d)
+_2D_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 def flatten_sequential(model: nn.Module) -> list[nn.Module]:
@@ -94,7 +113,7 @@ def unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
     layers = flatten_sequential(model)
     seen: set[int] = set()
     for layer in layers:
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, _LAYERS):
             # A Parameter reached twice (a layer applied twice, or one weight tied between two
             # layers) has per-row gradient G1 A1ᵀ + G2 A2ᵀ, whose cross terms the sum over
             # layers would miss: identity of parameters, not of modules, decides.
@@ -102,12 +121,15 @@ def unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
                 if id(p) in seen:
                     return f"a parameter of {layer!r} is used more than once (shared weights)"
                 seen.add(id(p))
-        elif isinstance(layer, nn.PReLU):
-            return f"{layer!r} has parameters outside nn.Linear"
-        elif not isinstance(layer, _ROWWISE_MODULES) or list(layer.parameters()):
-            return f"{type(layer).__name__} ({layer!r}) is not nn.Linear or a row-wise activation"
-        if isinstance(layer, nn.Flatten) and layer.start_dim == 0:
-            return "nn.Flatten(start_dim=0) mixes rows"
+        elif list(layer.parameters()):
+            return f"{layer!r} has parameters outside nn.Linear and nn.Conv2d"
+        elif not isinstance(layer, _ROWWISE_MODULES):
+            return (
+                f"{type(layer).__name__} ({layer!r}) is not nn.Linear, nn.Conv2d or a row-wise "
+                "parameter-free module"
+            )
+        elif getattr(layer, "return_indices", False):
+            return f"{layer!r} returns pooling indices, not a tensor"
     with torch.no_grad():
         h = x[:1]
         for layer in layers:
@@ -116,8 +138,100 @@ def unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
                     f"{layer!r} receives inputs of shape {tuple(h.shape)}; the layer-wise formula "
                     "needs 2-D (rows × features) inputs to every Linear"
                 )
+            if isinstance(layer, _2D_MODULES) and h.dim() != 4:
+                # An unbatched (C, H, W) input would make the rows the channels.
+                return (
+                    f"{layer!r} receives inputs of shape {tuple(h.shape)}; the layer-wise formula "
+                    "needs 4-D (rows × channels × height × width) inputs to every 2-D layer"
+                )
+            if isinstance(layer, nn.Flatten) and layer.start_dim % h.dim() == 0:
+                return f"{layer!r} flattens the row dimension, mixing rows"
+            if isinstance(layer, nn.Unflatten) and (
+                isinstance(layer.dim, str) or layer.dim % h.dim() == 0
+            ):
+                return f"{layer!r} unflattens the row dimension (or a named one)"
             h = layer(h)
     return None
+
+
+def _is_trainable(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a Linear or Conv2d with a trainable parameter (one with features)."""
+    return isinstance(layer, _LAYERS) and any(p.requires_grad for p in layer.parameters())
+
+
+def _flat_width(layer: nn.Conv2d) -> int:
+    """Trainable parameters of a conv layer: the width of its flat per-sample gradients."""
+    bias = layer.bias is not None and layer.bias.requires_grad
+    return layer.weight.numel() * layer.weight.requires_grad + layer.out_channels * bias
+
+
+def _padding(layer: nn.Conv2d) -> tuple[int, int, int, int]:
+    """``functional.pad``'s (left, right, top, bottom) for the padding ``layer`` applies; 'same'
+    puts the odd pixel right and below, as torch does."""
+    pads: list[int] = []
+    for i in (1, 0):  # functional.pad takes the last dimension first
+        if layer.padding == "same":
+            total = layer.dilation[i] * (layer.kernel_size[i] - 1)
+            pads += [total // 2, total - total // 2]
+        elif layer.padding == "valid":
+            pads += [0, 0]
+        else:
+            pads += [layer.padding[i]] * 2
+    left, right, top, bottom = pads
+    return left, right, top, bottom
+
+
+def _forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A Linear's or Conv2d's output with its parameters detached: only the gradients with
+    respect to its output are needed, and autograd then skips the parameters' own."""
+    weight = layer.weight.detach()
+    bias = None if layer.bias is None else layer.bias.detach()
+    if isinstance(layer, nn.Linear):
+        return functional.linear(h, weight, bias)
+    padding = layer.padding
+    if layer.padding_mode != "zeros":  # as nn.Conv2d does: pad in the layer's mode, then convolve
+        h, padding = functional.pad(h, _padding(layer), mode=layer.padding_mode), 0
+    return functional.conv2d(h, weight, bias, layer.stride, padding, layer.dilation, layer.groups)
+
+
+def _conv_gradients(
+    layer: nn.Conv2d, inputs: torch.Tensor | None, grads: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Write each row's and output's flat gradient of a conv layer's trainable parameters into
+    ``out`` (rows·K × width, M1 order): the weight's Σ_p G[:, p] U[:, p]ᵀ (U: the row's padded
+    input patches at output position p), then the bias's Σ_p G[:, p].
+
+    ``grads``: the gradients of the K outputs with respect to the layer's output, shape
+    (rows, K, c_out, h_out, w_out); ``inputs``: the layer's inputs (None when the weight is
+    frozen).
+    """
+    rows, K, c_out = grads.shape[:3]
+    width = 0
+    if layer.weight.requires_grad:
+        assert inputs is not None
+        pads = _padding(layer)
+        if any(pads):
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            inputs = functional.pad(inputs, pads, mode=mode)
+        # The weight gradient of a convolution with rows·groups groups over the rows stacked as
+        # channels of one image is every row's own, and the K outputs ride along as output
+        # channels of each group: one call, where unfolded patches would take 3x the time.
+        groups, per_group = layer.groups, c_out // layer.groups
+        g = grads.view(rows, K, groups, per_group, *grads.shape[3:]).transpose(1, 2)
+        c_in, kh, kw = layer.weight.shape[1:]
+        weight = torch.nn.grad.conv2d_weight(
+            inputs.reshape(1, -1, *inputs.shape[2:]),
+            (rows * groups * K * per_group, c_in, kh, kw),
+            g.reshape(1, -1, *grads.shape[3:]),
+            stride=layer.stride,
+            dilation=layer.dilation,
+            groups=rows * groups,
+        )
+        width = layer.weight.numel()
+        target = out[:, :width].view(rows, K, groups, per_group, -1)
+        target.copy_(weight.view(rows, groups, K, per_group, -1).transpose(1, 2))
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[:, width:].copy_(grads.sum((3, 4)).view(rows * K, c_out))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,48 +248,135 @@ class _LinearFeatures:
     bias: bool
     grads: torch.Tensor
 
+    def rows(self, start: int, stop: int, K: int) -> _LinearFeatures:
+        """The factors of input rows start to stop."""
+        inputs = None if self.inputs is None else self.inputs[start:stop]
+        return _LinearFeatures(inputs, self.bias, self.grads[start * K : stop * K])
+
+    def add_block(
+        self, other: _Features, K: int, tile: torch.Tensor, first: bool, scratch: _Scratch
+    ) -> None:
+        """Add (A_r A_cᵀ + 1[bias]) ⊙ (G_r G_cᵀ) (M1), multiplied in the tile's dtype, to
+        ``tile``, or write it there when ``first``."""
+        assert isinstance(other, _LinearFeatures)
+        dtype = tile.dtype
+        block = tile if first else scratch.get("block", tile.shape, dtype)
+        torch.mm(self.grads.to(dtype), other.grads.to(dtype).T, out=block)
+        if self.inputs is None:
+            if not first:
+                tile.add_(block)
+            return
+        assert other.inputs is not None
+        nr, nc = self.inputs.shape[0], other.inputs.shape[0]
+        gram = scratch.get("gram", (nr, nc), dtype)
+        torch.mm(self.inputs.to(dtype), other.inputs.to(dtype).T, out=gram)
+        if self.bias:
+            gram += 1.0
+        factor = gram[:, None, :, None]
+        if first:
+            block.view(nr, K, nc, K).mul_(factor)
+        else:  # one pass over the tile for the product and the sum
+            tile.view(nr, K, nc, K).addcmul_(block.view(nr, K, nc, K), factor)
+
+    def squared_norm(self, K: int) -> torch.Tensor:
+        """Σ_ik ‖∂f_k(x_i)/∂θ_layer‖² in float64: ‖G_ik A_iᵀ‖² = ‖G_ik‖² ‖A_i‖², plus ‖G_ik‖²
+        for a trainable bias."""
+        g2 = self.grads.double().square().sum(1).view(-1, K)
+        a2 = torch.zeros(g2.shape[0], dtype=torch.float64, device=g2.device)
+        if self.inputs is not None:
+            a2 += self.inputs.double().square().sum(1)
+        if self.bias:
+            a2 += 1.0
+        return (a2[:, None] * g2).sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlatFeatures:
+    """One conv layer's per-sample gradients: row i·K + k of ``grads`` is ∂f_k(x_i)/∂θ over
+    the layer's trainable parameters (M1 order), held in the model's dtype."""
+
+    grads: torch.Tensor
+
+    def rows(self, start: int, stop: int, K: int) -> _FlatFeatures:
+        """The gradients of input rows start to stop."""
+        return _FlatFeatures(self.grads[start * K : stop * K])
+
+    def add_block(
+        self, other: _Features, K: int, tile: torch.Tensor, first: bool, scratch: _Scratch
+    ) -> None:
+        """Add Φ_r Φ_cᵀ (M1) to ``tile``, or write it there when ``first``, multiplied as the
+        generic backend multiplies its Jacobian chunks, for these are Jacobian columns: in the
+        model's dtype (at least float32), in column groups of ``PRODUCT_GROUP`` accumulated in
+        the tile's dtype."""
+        assert isinstance(other, _FlatFeatures)
+        work = work_dtype(self.grads.dtype, tile.dtype)
+        for s in range(0, self.grads.shape[1], PRODUCT_GROUP):
+            a = self.grads[:, s : s + PRODUCT_GROUP].to(work)
+            b = other.grads[:, s : s + PRODUCT_GROUP].to(work)
+            if work != tile.dtype:
+                product = torch.mm(a, b.T, out=scratch.get("product", tile.shape, work))
+                if first:
+                    tile.copy_(product)
+                else:
+                    tile.add_(product)
+            elif first:
+                torch.mm(a, b.T, out=tile)
+            else:
+                tile.addmm_(a, b.T)
+            first = False
+
+    def squared_norm(self, K: int) -> torch.Tensor:
+        """Σ_ik ‖∂f_k(x_i)/∂θ_layer‖² in float64."""
+        return self.grads.double().square().sum()
+
+
+_Features = _LinearFeatures | _FlatFeatures
+
 
 def _layer_features(
     layers: list[nn.Module], x: torch.Tensor, K: int, chunk: int
-) -> list[_LinearFeatures]:
-    """A and G for every Linear with a trainable parameter, from one backward per output column.
+) -> list[_Features]:
+    """The features of every layer with a trainable parameter (factors A and G of a Linear,
+    flat per-sample gradients of a Conv2d), from one backward per output column per chunk.
 
     Rows are independent, so the gradient of Σ_i f_k(x_i) with respect to a layer's outputs
     holds, in row i, the gradient of f_k(x_i) alone: K backward passes per chunk of rows give
     every per-row output gradient without per-sample loops.
     """
-    linears = [m for m in layers if isinstance(m, nn.Linear)]
-    trainable = [
-        m
-        for m in linears
-        if m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad)
-    ]
-    # Filled chunk by chunk in place: concatenating chunks would hold every factor twice.
+    trainable = [m for m in layers if _is_trainable(m)]
+    # Filled chunk by chunk in place: concatenating chunks would hold every feature twice.
     n, dtype = x.shape[0], x.dtype
     inputs = {
         id(m): torch.empty((n, m.in_features), dtype=dtype, device=x.device)
         for m in trainable
-        if m.weight.requires_grad
+        if isinstance(m, nn.Linear) and m.weight.requires_grad
     }
     grads = {
-        id(m): torch.empty((n * K, m.out_features), dtype=dtype, device=x.device) for m in trainable
+        id(m): torch.empty(
+            (n * K, m.out_features if isinstance(m, nn.Linear) else _flat_width(m)),
+            dtype=dtype,
+            device=x.device,
+        )
+        for m in trainable
     }
     for start in range(0, n, chunk):
         xc = x[start : start + chunk]
         rows = xc.shape[0]
         outputs: list[torch.Tensor] = []
+        conv_inputs: dict[int, torch.Tensor] = {}
         with torch.enable_grad():
             h = xc.detach().requires_grad_(True)
             for layer in layers:
-                if isinstance(layer, nn.Linear):
-                    if id(layer) in inputs:
-                        inputs[id(layer)][start : start + rows] = h.detach()
-                    bias = None if layer.bias is None else layer.bias.detach()
-                    h = nn.functional.linear(h, layer.weight.detach(), bias)
-                    if id(layer) in grads:
-                        outputs.append(h)
-                else:
+                if not isinstance(layer, _LAYERS):
                     h = layer(h)
+                    continue
+                if id(layer) in inputs:
+                    inputs[id(layer)][start : start + rows] = h.detach()
+                elif isinstance(layer, nn.Conv2d) and layer.weight.requires_grad:
+                    conv_inputs[id(layer)] = h.detach()
+                h = _forward(layer, h)
+                if id(layer) in grads:
+                    outputs.append(h)
             out = h.reshape(rows, -1)
             check_outputs(h.detach(), rows)
             columns = [
@@ -183,50 +384,107 @@ def _layer_features(
                 for k in range(K)
             ]
         for i, layer in enumerate(trainable):
-            # (rows, K, d_out) -> rows ordered i*K + k, as in M1.
+            # (rows, K, ...) -> rows ordered i*K + k, as in M1.
             g = torch.stack([col[i] for col in columns], dim=1)
-            grads[id(layer)][start * K : (start + rows) * K] = g.reshape(rows * K, -1)
+            target = grads[id(layer)][start * K : (start + rows) * K]
+            if isinstance(layer, nn.Linear):
+                target.copy_(g.reshape(rows * K, -1))
+            else:
+                _conv_gradients(layer, conv_inputs.get(id(layer)), g, target)
     return [
         _LinearFeatures(
             inputs=inputs.get(id(m)),
             bias=m.bias is not None and m.bias.requires_grad,
             grads=grads[id(m)],
         )
+        if isinstance(m, nn.Linear)
+        else _FlatFeatures(grads[id(m)])
         for m in trainable
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class _RowSizes:
+    """Values per input row that the layer-wise backend holds: ``kept``, the features of every
+    row until the kernel is filled; ``transient``, what one feature pass holds besides
+    (activations autograd keeps and their gradients, K output gradients of every trainable layer
+    and their stacked copy, a conv layer's padded input and per-sample gradients before they are
+    stored)."""
+
+    kept: int
+    transient: int
+
+
+def _row_sizes(layers: list[nn.Module], x: torch.Tensor, K: int) -> _RowSizes:
+    """:class:`_RowSizes` from a forward pass on the first row of ``x``."""
+    kept = transient = 0
+    with torch.no_grad():
+        h = x[:1]
+        for layer in layers:
+            out = layer(h)
+            transient += 2 * out.numel()
+            if isinstance(layer, nn.Linear) and _is_trainable(layer):
+                kept += layer.in_features * layer.weight.requires_grad + K * layer.out_features
+                transient += 2 * K * out.numel()
+            elif _is_trainable(layer):
+                width = _flat_width(layer)
+                kept += K * width
+                transient += 3 * K * out.numel() + 2 * K * width + 2 * h.numel()
+            h = out
+    return _RowSizes(kept, transient)
+
+
+def _pass_rows(sizes: _RowSizes, chunk: int, budget: int, itemsize: int) -> int:
+    """Rows per feature pass: at most ``chunk``, and as many as ``budget`` bytes hold."""
+    return max(1, min(chunk, budget // max(1, itemsize * sizes.transient)))
+
+
+class _Scratch:
+    """Buffers reused from tile to tile: the tile, a layer's block, its Gram matrix and a float32
+    product. Fresh tensors of tens of MB (a tile for K > 1 or n of several thousands) are
+    returned to the system when freed and page-faulted in again for every tile."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous ``shape`` view of the buffer ``name``, grown when too small."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+            buffer = torch.empty(size, dtype=dtype, device=self.device)
+            self._buffers[name] = buffer
+        return buffer[:size].view(shape)
+
+
 def _tile(
-    rows: list[_LinearFeatures], cols: list[_LinearFeatures], K: int, dtype: torch.dtype
+    rows: list[_Features], cols: list[_Features], K: int, dtype: torch.dtype, scratch: _Scratch
 ) -> torch.Tensor:
-    """Σ_layers (A_r A_cᵀ + 1[bias]) ⊙ (G_r G_cᵀ) for one block of rows against columns (M1),
-    multiplied in ``dtype``."""
-    tile: torch.Tensor | None = None
-    for r, c in zip(rows, cols, strict=True):
-        block = r.grads.to(dtype) @ c.grads.to(dtype).T
-        nr, nc = block.shape[0] // K, block.shape[1] // K
-        if r.inputs is not None:
-            assert c.inputs is not None
-            gram = r.inputs.to(dtype) @ c.inputs.to(dtype).T
-            if r.bias:
-                gram += 1.0
-            block.view(nr, K, nc, K).mul_(gram[:, None, :, None])
-        tile = block if tile is None else tile.add_(block)
-    assert tile is not None
+    """Σ_layers of each layer's block (M1) for one block of rows against columns, multiplied in
+    ``dtype``; a view of ``scratch``'s tile buffer, valid until the next tile."""
+    tile = scratch.get("tile", (rows[0].grads.shape[0], cols[0].grads.shape[0]), dtype)
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        r.add_block(c, K, tile, i == 0, scratch)
     return tile
 
 
-def _slice_features(
-    features: list[_LinearFeatures], start: int, stop: int, K: int
-) -> list[_LinearFeatures]:
-    return [
-        _LinearFeatures(
-            inputs=None if f.inputs is None else f.inputs[start:stop],
-            bias=f.bias,
-            grads=f.grads[start * K : stop * K],
-        )
-        for f in features
-    ]
+_PIECE = 256
+"""Side of the square pieces in which a tile is transposed: read or written whole, the
+transpose of a tile of thousands of rows takes 2–5x as long (cache and TLB misses)."""
+
+
+def _symmetrize(tile: torch.Tensor) -> None:
+    """:func:`symmetrize_` of a square tile, in pieces of ``_PIECE``: the same values."""
+    m = tile.shape[0]
+    for i in range(0, m, _PIECE):
+        symmetrize_(tile[i : i + _PIECE, i : i + _PIECE])
+        for j in range(i + _PIECE, m, _PIECE):
+            upper = tile[i : i + _PIECE, j : j + _PIECE]
+            lower = tile[j : j + _PIECE, i : i + _PIECE]
+            mean = (upper + lower.T) / 2
+            upper.copy_(mean)
+            lower.copy_(mean.T)
 
 
 def _fill_kernel(
@@ -248,28 +506,28 @@ def _fill_kernel(
         for c0 in range(r0 if symmetric else 0, n_cols, chunk):
             c1 = min(n_cols, c0 + chunk)
             tile = tile_fn(r0, r1, c0, c1).to(out.device)
-            out[r0 * K : r1 * K, c0 * K : c1 * K] = tile
             if symmetric and c0 == r0:
-                symmetrize_(out[r0 * K : r1 * K, r0 * K : r1 * K])
-            elif symmetric:
-                out[c0 * K : c1 * K, r0 * K : r1 * K] = tile.T
+                _symmetrize(tile)  # before it is written: the tile is contiguous, ``out`` is not
+            out[r0 * K : r1 * K, c0 * K : c1 * K] = tile
+            if symmetric and c0 != r0:
+                mirror = out[c0 * K : c1 * K, r0 * K : r1 * K]
+                for i in range(0, tile.shape[0], _PIECE):
+                    for j in range(0, tile.shape[1], _PIECE):
+                        mirror[j : j + _PIECE, i : i + _PIECE] = tile[
+                            i : i + _PIECE, j : j + _PIECE
+                        ].T
             del tile
 
 
 def tile_rows(n: int, K: int, budget: int, itemsize: int) -> int:
-    # A b × b tile holds b·K × b·K values twice (the tile and one layer's block) plus b × b.
-    b = math.isqrt(max(1, budget // (itemsize * (2 * K * K + 1))))
+    """Rows b of the square Gram tiles of :func:`kernel` (M1), b·K × b·K kernel entries each, so
+    that one tile's working set holds in ``budget`` bytes (``itemsize``: the kernel's)."""
+    # A b × b tile holds b·K × b·K values twice (the tile and one layer's block) plus b × b, and
+    # a conv layer's float32 product before it is accumulated (4 bytes per value).
+    b = math.isqrt(max(1, budget // ((2 * itemsize + 4) * K * K + itemsize)))
     # Tiles of about n/8 rows (not below 256) let the symmetric kernel skip most of its lower
     # triangle while each product stays large enough for BLAS to run at full speed.
     return max(1, min(n, b, max(256, -(-n // 8))))
-
-
-def _feature_rows(layers: list[nn.Module], K: int, budget_bytes: int) -> int:
-    # Per row: float64 copies of every Linear's input and K output gradients, plus autograd's
-    # activations (about the same again).
-    linears = [m for m in layers if isinstance(m, nn.Linear)]
-    per_row = 16 * sum(m.in_features + K * m.out_features for m in linears)
-    return max(1, budget_bytes // max(1, per_row))
 
 
 def kernel(
@@ -279,58 +537,66 @@ def kernel(
     K: int,
     chunk: int,
     out: torch.Tensor,
+    budget: int,
+    N: int,
 ) -> None:
-    """Write H (x2 None) or C = J(x2) J(x)ᵀ, unnormalised, into ``out`` in tiles of ``chunk``
-    rows (M1 row-major order)."""
+    """Write H (x2 None) or C = J(x2) J(x)ᵀ, divided by ``N``, into every entry of ``out`` in
+    tiles of ``chunk`` rows (M1 row-major order); the features are computed in passes of at most
+    ``chunk`` rows that hold at most ``budget`` bytes. Dividing tile by tile spares a pass over
+    the whole kernel."""
     layers = flatten_sequential(model)
-    feats = _layer_features(layers, x, K, chunk)
+    rows = _pass_rows(_row_sizes(layers, x, K), chunk, budget, x.element_size())
+    feats = _layer_features(layers, x, K, rows)
+    feats2 = feats if x2 is None else _layer_features(layers, x2, K, rows)
+    scratch = _Scratch(x.device)
+
+    def tile(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        left, right = [f.rows(r0, r1, K) for f in feats2], [f.rows(c0, c1, K) for f in feats]
+        return _tile(left, right, K, out.dtype, scratch).div_(N)
+
     n = x.shape[0]
-    if x2 is None:
-
-        def tile(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-            rows, cols = _slice_features(feats, r0, r1, K), _slice_features(feats, c0, c1, K)
-            return _tile(rows, cols, K, out.dtype)
-
-        _fill_kernel(out, n, n, K, chunk, tile, symmetric=True)
-    else:
-        feats2 = _layer_features(layers, x2, K, chunk)
-
-        def tile(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-            rows, cols = _slice_features(feats2, r0, r1, K), _slice_features(feats, c0, c1, K)
-            return _tile(rows, cols, K, out.dtype)
-
-        _fill_kernel(out, x2.shape[0], n, K, chunk, tile, symmetric=False)
+    _fill_kernel(out, n if x2 is None else x2.shape[0], n, K, chunk, tile, symmetric=x2 is None)
 
 
-def work_bytes(network: nn.Module, n: int, n2: int | None, K: int, rows: int, itemsize: int) -> int:
-    """Working memory (bytes) of :func:`kernel`: A and G of every trainable Linear for the n
-    training (and n2 test) rows in the model's dtype, one b × b Gram tile (b = ``rows``, see
-    :func:`tile_rows`) and two tiles' factors cast to the kernel's ``itemsize``."""
-    per_row = 0
-    for m in flatten_sequential(network):
-        if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters()):
-            per_row += m.in_features * m.weight.requires_grad + K * m.out_features
+def work_bytes(
+    network: nn.Module,
+    x: torch.Tensor,
+    n2: int | None,
+    K: int,
+    rows: int,
+    itemsize: int,
+    budget: int,
+) -> int:
+    """Working memory (bytes) of :func:`kernel` on the n rows of ``x`` (and n2 test rows): the
+    features of every row in the model's dtype (A and G of every trainable Linear, K flat
+    per-sample gradients of every trainable Conv2d), plus the larger of one feature pass and
+    one b × b Gram tile (b = ``rows``, see :func:`tile_rows`) with two tiles' features cast to
+    the kernel's ``itemsize``."""
+    layers = flatten_sequential(network)
+    sizes = _row_sizes(layers, x, K)
+    n, model_itemsize = x.shape[0], x.element_size()
     b = min(rows, n, n2 or n)
-    features = (n + (n2 or 0)) * per_row * next(network.parameters()).element_size()
-    return features + itemsize * (2 * b * K * b * K + b * b + 2 * b * per_row)
+    features = (n + (n2 or 0)) * sizes.kept * model_itemsize
+    feature_pass = _pass_rows(sizes, rows, budget, model_itemsize) * sizes.transient
+    tiles = (2 * itemsize + 4) * (b * K) ** 2 + itemsize * (b * b + 2 * b * sizes.kept)
+    return features + max(feature_pass * model_itemsize, tiles)
 
 
 def trace(
     network: nn.Module, x: torch.Tensor, K: int, chunk_size: int | None, budget_bytes: int
 ) -> torch.Tensor:
-    """Σ_i ‖∂f_i/∂θ‖² (float64, unnormalised) from the layer factors: ‖G_ik A_iᵀ‖² =
-    ‖G_ik‖² ‖A_i‖², plus ‖G_ik‖² for a trainable bias (M1); ``chunk_size`` rows at a time
-    (default: as many as ``budget_bytes`` holds)."""
+    """Σ_i ‖∂f_i/∂θ‖² (float64, unnormalised) from the layer features (M1): ‖G_ik A_iᵀ‖² =
+    ‖G_ik‖² ‖A_i‖² (plus ‖G_ik‖² for a trainable bias) for a Linear, the squared norms of the
+    flat per-sample gradients for a Conv2d; ``chunk_size`` rows at a time (default: as many as
+    ``budget_bytes`` holds)."""
     layers = flatten_sequential(network)
-    rows = chunk_size or _feature_rows(layers, K, budget_bytes)
+    sizes = _row_sizes(layers, x, K)
+    # Per row: its features and one pass's transients in the model's dtype, and a float64 copy
+    # of the features.
+    per_row = x.element_size() * (sizes.kept + sizes.transient) + 8 * sizes.kept
+    rows = chunk_size or max(1, budget_bytes // max(1, per_row))
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for r0 in range(0, x.shape[0], rows):
         for f in _layer_features(layers, x[r0 : r0 + rows], K, rows):
-            g2 = f.grads.double().square().sum(1).view(-1, K)
-            a2 = torch.zeros(g2.shape[0], dtype=torch.float64, device=x.device)
-            if f.inputs is not None:
-                a2 += f.inputs.double().square().sum(1)
-            if f.bias:
-                a2 += 1.0
-            total += (a2[:, None] * g2).sum()
+            total += f.squared_norm(K)
     return total

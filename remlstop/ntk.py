@@ -9,9 +9,11 @@ cross kernel is C = J(x2) J(x)ᵀ / N with N the training N.
 This module validates the arguments, checks memory and chooses one of two backends in one
 place (:func:`_dispatch`) for all three public functions:
 
-* ``"layerwise"`` (:mod:`remlstop._ntk_layerwise`): networks of ``nn.Linear`` layers and
-  row-wise activations in nested ``nn.Sequential`` (or wrappers around one), exact kernels from
-  Gram matrices of layer activations and output gradients, without per-sample gradients.
+* ``"layerwise"`` (:mod:`remlstop._ntk_layerwise`): networks of ``nn.Linear`` and
+  ``nn.Conv2d`` layers, row-wise activations and 2-D pooling in nested ``nn.Sequential`` (or
+  wrappers around one), exact kernels from Gram matrices of layer activations and output
+  gradients (Linear) and from per-sample gradients of the conv layers, with one backward pass per
+  output.
 * ``"generic"`` (:mod:`remlstop._ntk_generic`): any ``nn.Module``, by per-sample Jacobians
   built in row chunks under a memory budget (relative error about 1e-7 for a float32 model,
   float64 throughout for a float64 one); the only backend with kernel-vector products.
@@ -280,6 +282,16 @@ def _available_bytes(device: torch.device) -> int | None:
     return min(available, headroom)
 
 
+def _fits(needs: dict[torch.device, int], limit: int | None) -> bool:
+    """Whether every device's estimated peak is within ``limit`` (default: what is available
+    there now; unknown counts as enough)."""
+    for device, need in needs.items():
+        available = _available_bytes(device) if limit is None else limit
+        if available is not None and need > available:
+            return False
+    return True
+
+
 def _check_memory(
     needs: dict[torch.device, int],
     kernel_bytes: int,
@@ -344,8 +356,10 @@ def empirical_ntk(
             is about the kernel (8·N·N2 bytes) + 2 × budget + 24 MiB + that sub-chunk's
             activations + one tile of products; parameters are split into groups when even one
             row exceeds the budget. Layerwise path: the peak is about the kernel + budget + the
-            per-layer activations and output gradients, n·(Σ d_in + K·Σ d_out) values in
-            ``dtype``.
+            per-layer features, n·(Σ d_in + K·Σ d_out) values for the Linear layers and n·K·P_conv
+            (the conv layers' trainable parameters) for the Conv2d layers, in the model's dtype.
+            With ``path="auto"`` a model whose layer-wise features do not fit where the generic
+            backend's chunks do takes the generic path.
         memory_limit_bytes: bytes the kernel and this working memory may take on each device
             involved (the kernel's and the model's). Default None: the memory available there
             now (MemAvailable, capped by a cgroup limit, on the CPU; free plus cached memory on
@@ -357,10 +371,12 @@ def empirical_ntk(
             (ValueError naming the unsupported module otherwise) or "generic".
         dtype: dtype of the kernel. Default float64, as the statistics downstream expect.
             Layerwise path: Jacobian factors are computed in the model's dtype and multiplied
-            in ``dtype``. Generic path: Jacobian chunks are multiplied in the model's dtype
-            (at least float32, at most ``dtype``) in groups of 65,536 parameters accumulated in
-            ``dtype`` (relative error about 1e-7 for a float32 model; exact float64 products
-            for a float64 model, see :mod:`remlstop._ntk_generic`).
+            in ``dtype``; the per-sample gradients of conv layers, Jacobian columns, are
+            multiplied as the generic path multiplies its chunks. Generic path: Jacobian
+            chunks are multiplied in the model's dtype (at least float32, at most ``dtype``) in
+            groups of 65,536 parameters accumulated in ``dtype`` (relative error about 1e-7 for
+            a float32 model; exact float64 products for a float64 model, see
+            :mod:`remlstop._ntk_generic`).
         device: device of the returned kernel; default the model's device. Tiles are computed
             on the model's device and copied, so a GPU model can fill a CPU kernel.
         return_info: also return an :class:`NTKInfo`.
@@ -403,24 +419,37 @@ def empirical_ntk(
         rows_out = N if x2 is None else x2.shape[0] * K
         backend = _dispatch(model, x if x2 is None else torch.cat([x, x2]), path, "kernel")
         itemsize = dtype.itemsize
+        kernel_bytes = rows_out * N * itemsize
+
+        def needs(work_bytes: int) -> dict[torch.device, int]:
+            total: dict[torch.device, int] = {}
+            for where, size in ((out_device, kernel_bytes), (model_device, work_bytes)):
+                total[_memory_device(where)] = total.get(_memory_device(where), 0) + size
+            return total
+
+        work = generic.work_dtype(model_dtype, dtype)
+        layout = generic.layout(params, K, chunk_size, budget, work.itemsize)
+        need = needs(generic.work_bytes(layout, params, n, n2, K, work.itemsize, itemsize))
         if backend.path == "layerwise":
             rows = chunk_size or layerwise.tile_rows(n, K, budget, itemsize)
-            work_bytes = layerwise.work_bytes(backend.network, n, n2, K, rows, itemsize)
+            layerwise_need = needs(
+                layerwise.work_bytes(backend.network, x, n2, K, rows, itemsize, budget)
+            )
+            # The per-sample gradients of wide conv layers are held for every row, where the
+            # generic backend recomputes Jacobian chunks: it takes over when only it fits.
+            limit = memory_limit_bytes
+            if path != "auto" or _fits(layerwise_need, limit) or not _fits(need, limit):
+                need = layerwise_need
+            else:
+                backend = _Backend("generic", model, "its per-row features do not fit in memory")
+        _check_memory(need, kernel_bytes, memory_limit_bytes, (rows_out, N), n, K, dtype)
+        if backend.path == "layerwise":  # writes every entry, already divided by N
+            kernel = torch.empty(rows_out, N, dtype=dtype, device=out_device)
+            layerwise.kernel(backend.network, x, x2, K, rows, kernel, budget, N)
         else:
-            work = generic.work_dtype(model_dtype, dtype)
-            layout = generic.layout(params, K, chunk_size, budget, work.itemsize)
-            work_bytes = generic.work_bytes(layout, params, n, n2, K, work.itemsize, itemsize)
-        kernel_bytes = rows_out * N * itemsize
-        needs: dict[torch.device, int] = {}
-        for where, size in ((out_device, kernel_bytes), (model_device, work_bytes)):
-            needs[_memory_device(where)] = needs.get(_memory_device(where), 0) + size
-        _check_memory(needs, kernel_bytes, memory_limit_bytes, (rows_out, N), n, K, dtype)
-        kernel = torch.zeros(rows_out, N, dtype=dtype, device=out_device)
-        if backend.path == "layerwise":
-            layerwise.kernel(backend.network, x, x2, K, rows, kernel)
-        else:
+            kernel = torch.zeros(rows_out, N, dtype=dtype, device=out_device)
             rows = generic.kernel(model, params, x, x2, K, layout, kernel, work)
-        kernel /= N
+            kernel /= N
     info = NTKInfo(backend.path, time.perf_counter() - start, n, K, N, P, rows)
     logger.info(
         "empirical NTK (M1): path=%s n=%d K=%d N=%d P=%d chunk=%d rows in %.3f s%s",
@@ -485,9 +514,10 @@ def ntk_vector_product(
 def ntk_trace(model: nn.Module, x: torch.Tensor, *, chunk_size: int | None = None) -> float:
     """Exact tr(H) = Σ_i ‖∂f_i/∂θ‖² / N from per-row gradient norms (METHOD M1).
 
-    Uses the layer-wise factors when the model supports them (‖G_ik A_iᵀ‖² = ‖G_ik‖²‖A_i‖²),
-    per-sample Jacobians otherwise; rows are processed ``chunk_size`` at a time (default from
-    ``DEFAULT_MEMORY_BUDGET_BYTES``). The mean eigenvalue of H is ``ntk_trace(...) / N``.
+    Uses the layer-wise features when the model supports them (‖G_ik A_iᵀ‖² = ‖G_ik‖²‖A_i‖² for
+    a Linear, per-sample gradients for a Conv2d), per-sample Jacobians otherwise; rows are
+    processed ``chunk_size`` at a time (default from ``DEFAULT_MEMORY_BUDGET_BYTES``). The mean
+    eigenvalue of H is ``ntk_trace(...) / N``.
     """
     _check_chunk_size(chunk_size)
     params = _trainable(model)
