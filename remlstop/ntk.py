@@ -312,9 +312,11 @@ def _check_memory(
             f"the dense NTK (METHOD M1) needs about {need / _GB:.3g} GB on {device} "
             f"({kernel_bytes / _GB:.3g} GB for the {shape[0]} × {shape[1]} {dtype} kernel, "
             f"N = n·K = {n}·{K}, plus working memory) but {available / _GB:.3g} GB is "
-            "available. The kernel grows as N²: pass max_samples= to REMLStopper / "
-            "REMLEarlyStopping to compute it on a random subset of rows, or reduce the number "
-            "of outputs K per row (e.g. fewer targets)."
+            "available. The kernel grows as N²: REMLStopper / REMLEarlyStopping with "
+            "kernel='nystrom' compute only landmark rows of it (METHOD M10; fewer landmarks= "
+            "take less memory); max_samples= computes it on a random subset of rows (the stop "
+            "time grows with N, so a subset's is biased); or reduce the number of outputs K per "
+            "row (e.g. fewer targets)."
         )
 
 
