@@ -37,6 +37,8 @@ _DEFAULT_LANDMARK_COLUMNS = 4096
 # The landmark rows C (m K x N float64) may take this share of the budget: the kernel
 # backends' working memory and the model's own take the rest.
 _LANDMARK_SHARE = 0.5
+# Rows per forward/backward pass of the exact kernel-vector products on the Nystrom path.
+_PRODUCT_ROWS = 4096
 
 
 def dense_peak_bytes(n_obs: int) -> int:
@@ -159,7 +161,3 @@ def initial_spectra(
         kernel_path=factor.kernel_path,
         seconds=seconds,
     )
-
-
-# Rows per forward/backward pass of the exact kernel-vector products on the Nystrom path.
-_PRODUCT_ROWS = 4096

@@ -128,17 +128,19 @@ def spectral_projection(
     lambda and z = V^T vector out, of the vector's shape (METHOD M4; columns carry fixed effects
     along, M9), without forming the N x N eigenvector matrix V of the matrix. The matrix is
     reduced to tridiagonal form T = Q^T A Q (LAPACK ``dsytrd``), the vector is carried along by
-    the Householder reflectors (Q^T vector, O(N^2 c)), and T is decomposed by MRRR in column
-    blocks (:func:`_tridiagonal_projection`). Skipping the back-transformation V = Q W, about
-    half the flops of a full ``eigh``, made it 1.6-1.7x faster at N = 1,000-2,000 with the same
-    eigenvalues (benchmarks/eigh_threads.py). Only the lower triangle is read.
+    the Householder reflectors (Q^T vector, O(N^2 c)), and T is decomposed by divide and
+    conquer, or from N = 2,048 by MRRR in column blocks (:func:`_tridiagonal_projection`).
+    Skipping the back-transformation V = Q W, about half the flops of a full ``eigh``, made it
+    1.3-1.4x faster at N = 1,000-2,000 with the same eigenvalues; at N = 3,000 MRRR's cost makes
+    it about as fast as a full ``eigh`` (benchmarks/eigh_threads.py). Only the lower triangle is
+    read.
 
     Memory: an exactly symmetric, writeable, contiguous ``matrix`` (what
     :func:`remlstop.empirical_ntk` returns) is its own workspace: LAPACK overwrites one triangle
     and the diagonal, and both are restored bit for bit from the other triangle before this
     returns (also on error), so no N x N copy is made; another thread must not read it
     meanwhile. Any other matrix is copied once (not at all with ``overwrite=True``, which
-    destroys it). T's eigenvectors are then formed about a quarter at a time.
+    destroys it). From N = 2,048, T's eigenvectors are then formed about a quarter at a time.
     """
     A = np.asarray(matrix, dtype=np.float64)
     u = np.asarray(vector, dtype=np.float64)
@@ -303,8 +305,9 @@ def _tridiagonal_projection(
     (benchmarks/eigh_threads.py) for at most 2 x 32 MB of eigenvectors and workspace.
     """
     n = diag.size
-    evals, info = lapack.dstevd(diag, offdiag, compute_v=0)[::2]
-    if info == 0 and n >= _MRRR_FROM:
+    # Below _MRRR_FROM divide and conquer runs directly: no eigenvalue-only pass first.
+    evals, info = lapack.dstevd(diag, offdiag, compute_v=0)[::2] if n >= _MRRR_FROM else (None, 1)
+    if info == 0:
         z = np.empty((n, w.shape[1]))
         lo = 0
         for hi in _block_ends(evals, -(-n // _EIGENVECTOR_BLOCKS)):

@@ -18,8 +18,8 @@ eigenvalues. ``SpectrumApproximation`` records what was resolved, so a user can 
 the kernel and of the residual the tail holds, and raise ``landmarks`` when it is large.
 
 A sketch of the per-sample gradients (a Johnson-Lindenstrauss map) was measured as the other
-candidate and lost clearly: benchmarks/large_n.py compares them at a size where the dense
-spectrum is still available.
+candidate and lost clearly: benchmarks/sketch_vs_nystrom.py compares them at a size where the
+dense spectrum is still available.
 """
 
 from __future__ import annotations
