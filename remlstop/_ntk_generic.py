@@ -16,6 +16,7 @@ The functions here assume the checks and the model preservation of :mod:`remlsto
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -53,7 +54,42 @@ def _per_sample_jacobian(model: nn.Module, names: list[str]) -> JacobianFn:
         flat = out.reshape(-1)
         return flat, flat
 
-    return vmap(jacrev(one_row, has_aux=True), in_dims=(None, 0))
+    batched = vmap(jacrev(one_row, has_aux=True), in_dims=(None, 0))
+    single = jacrev(one_row, has_aux=True)
+    looped = False
+
+    def jacobians(free: Params, x: torch.Tensor) -> tuple[Params, torch.Tensor]:
+        nonlocal looped
+        if not looped:
+            try:
+                return batched(free, x)
+            except RuntimeError as error:
+                # Some torch ops have no or a wrong batching rule (nn.PReLU's backward under
+                # vmap, torch 2.13): one row at a time is slower but needs none. A model that
+                # fails on one row too raises that error, which is then its own.
+                first = single(free, x[0])
+                looped = True
+                warnings.warn(
+                    "torch.func could not batch this model's per-sample Jacobians "
+                    f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); computing "
+                    "them one row at a time, which is slower. Supported layers (Linear, "
+                    "Conv2d, elementwise activations) take the layer-wise path instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return _stack_rows([first, *(single(free, xi) for xi in x[1:])])
+        return _stack_rows([single(free, xi) for xi in x])
+
+    return jacobians
+
+
+def _stack_rows(rows: list[tuple[Params, torch.Tensor]]) -> tuple[Params, torch.Tensor]:
+    """Per-row (Jacobian, output) pairs stacked as vmap would return them."""
+    names = rows[0][0].keys()
+    return (
+        {name: torch.stack([jac[name] for jac, _ in rows]) for name in names},
+        torch.stack([out for _, out in rows]),
+    )
 
 
 def _jacobian_rows(

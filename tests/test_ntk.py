@@ -484,3 +484,31 @@ def test_all_three_work_under_inference_mode() -> None:
     torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
     assert got[1] == pytest.approx(expected[1], rel=1e-12)
     torch.testing.assert_close(got[2], expected[2], rtol=1e-12, atol=0)
+
+
+def test_a_model_torch_func_cannot_batch_falls_back_to_one_row_at_a_time() -> None:
+    # nn.PReLU's backward has no working batching rule under vmap(jacrev) in torch 2.13.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.PReLU(), nn.Linear(8, 2)).double()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    J = explicit_jacobian(model, x)
+    with pytest.warns(RuntimeWarning, match="one row at a time"):
+        H = empirical_ntk(model, x, chunk_size=4)
+    assert rel_err(H, J @ J.T / J.shape[0]) < 1e-12
+    with pytest.warns(RuntimeWarning, match="one row at a time"):
+        assert ntk_trace(model, x) == pytest.approx(float(H.trace()), rel=1e-12)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    assert rel_err(ntk_vector_product(model, x, v), H @ v) < 1e-10
+
+
+def test_a_model_that_fails_on_one_row_raises_its_own_error() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) @ torch.ones(3, 1)  # (rows, 2) @ (3, 1): wrong inner size
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        empirical_ntk(Broken(), torch.randn(4, 3), path="generic")
