@@ -61,6 +61,11 @@ print(json.dumps({
     "tail_energy": None if a is None else a.tail_energy,
     "pvalue": d.test.pvalue, "train": d.train,
     "steps": {k: f.steps(d.dt_per_step) for k, f in d.criteria.fits.items()},
+    "intervals": {
+        k: [v * d.dt_per_step for v in f.interval]
+        for k, f in d.criteria.fits.items()
+        if getattr(f, "interval", None) is not None and all(v == v for v in f.interval)
+    },
     "parts": d.seconds,
 }))
 """
@@ -96,11 +101,21 @@ def main() -> None:
     tic = time.time()
     rows: list[dict] = []
     accuracy: list[str] = []
+    intervals: list[str] = []
     criteria: list[str] = []
     for n in ints(args.accuracy_n):
         dense = run(n, "dense", "default", 0)
         rows.append(dense)
         criteria = list(dense["steps"])
+        intervals.append(
+            f"| {n} | "
+            + " | ".join(
+                f"{c} ({rel(lo, dense['steps'][c]):+.0%}, {rel(hi, dense['steps'][c]):+.0%})"
+                for c, (lo, hi) in dense["intervals"].items()
+                if c in ("reml", "reml-linear")
+            )
+            + " |"
+        )
         for m in ints(args.landmarks):
             if m >= n:
                 continue
@@ -149,6 +164,13 @@ def main() -> None:
             "tail ‖u0‖² | Nystrom s | dense s |",
             "|" + "---|" * (len(criteria) + 9),
             *accuracy,
+            "",
+            "For scale: the dense fits' own 95% profile-likelihood intervals for the stop step, "
+            "relative to their stop step (the criteria that compute one):",
+            "",
+            "| n | intervals |",
+            "|---|---|",
+            *intervals,
         ],
         "scale": [
             "# The large-N (Nystrom) decision as N grows (default landmarks)",
