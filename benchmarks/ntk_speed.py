@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from remlstop.datasets import lenet
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE_LIMIT_BYTES = 12e9
 
@@ -61,20 +63,7 @@ def build_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         )
         return model, (1, 16, 16)
     if name in ("lenet", "lenet10"):  # LeNet-5-sized, on 28 × 28 images
-        model = nn.Sequential(
-            nn.Conv2d(1, 6, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(256, 120),
-            nn.ReLU(),
-            nn.Linear(120, 84),
-            nn.ReLU(),
-            nn.Linear(84, 10 if name == "lenet10" else 1),
-        )
+        model = lenet(outputs=10 if name == "lenet10" else 1, seed=0)
         return model, (1, 28, 28)
     raise ValueError(name)
 

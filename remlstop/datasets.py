@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["paper_simple_function", "paper_mlp"]
+__all__ = ["lenet", "paper_mlp", "paper_simple_function"]
 
 
 def paper_simple_function(
@@ -56,3 +56,25 @@ def paper_mlp(
             fan_in = width
         layers.append(nn.Linear(fan_in, d_out))
         return nn.Sequential(*layers)
+
+
+def lenet(outputs: int = 1, seed: int = 0) -> nn.Sequential:
+    """A LeNet-5-sized CNN for 1 x 28 x 28 inputs (P = 43,661 with one output): Conv2d(1, 6, 5),
+    ReLU, MaxPool2d(2), Conv2d(6, 16, 5), ReLU, MaxPool2d(2), Flatten, then Linear 256 -> 120
+    -> 84 -> ``outputs`` with ReLUs. Initialised from ``seed`` (the global RNG is left as is)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Conv2d(1, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(256, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, outputs),
+        )

@@ -181,8 +181,10 @@ class REMLStopper:
             warnings.warn(
                 f"the step size is unstable on this kernel: a step of the learning rate "
                 f"{self.optimizer.param_groups[0]['lr']:g} times its largest eigenvalue "
-                f"{lam_max:.4g} exceeds the gradient-descent limit (METHOD M2), so training "
-                "diverges along the kernel's top direction. Lower the learning rate below "
+                f"{lam_max:.4g} exceeds the gradient-descent limit (METHOD M2): on this "
+                "kernel training would diverge along its top direction, and a network that "
+                "converges anyway has left the kernel the decision reads (its stop time then "
+                "does not apply). Lower the learning rate below "
                 f"{self.optimizer.param_groups[0]['lr'] / (lam_max * self._dt_now() / 2):.3g}"
                 " (plain SGD).",
                 RuntimeWarning,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from remlstop import _ntk_layerwise as layerwise
+from remlstop.datasets import lenet
 from remlstop.ntk import _dispatch, empirical_ntk, ntk_trace
 
 
@@ -35,23 +36,6 @@ def frozen(model: nn.Module, *names: str) -> nn.Module:
         if name in names:
             p.requires_grad_(False)
     return model
-
-
-def lenet(outputs: int = 10) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(256, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, outputs),
-    )
 
 
 def head(channels: int, size: int, outputs: int = 1) -> list[nn.Module]:
@@ -161,7 +145,7 @@ CASES = {
         ),
         (6,),
     ),
-    "lenet_10_outputs": (lenet, (1, 28, 28)),
+    "lenet_10_outputs": (lambda: lenet(outputs=10), (1, 28, 28)),
 }
 
 
