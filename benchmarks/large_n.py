@@ -62,7 +62,7 @@ print(json.dumps({
     "pvalue": d.test.pvalue, "train": d.train,
     "steps": {k: f.steps(d.dt_per_step) for k, f in d.criteria.fits.items()},
     "intervals": {
-        k: [v * d.dt_per_step for v in f.interval]
+        k: [v / d.dt_per_step for v in f.interval]
         for k, f in d.criteria.fits.items()
         if getattr(f, "interval", None) is not None and all(v == v for v in f.interval)
     },
