@@ -44,7 +44,8 @@ JacobianFn = Callable[[Params, torch.Tensor], tuple[Params, torch.Tensor]]
 
 def _per_sample_jacobian(model: nn.Module, names: list[str]) -> JacobianFn:
     """vmap(jacrev) of one row's K outputs with respect to the parameters in ``names``; it
-    returns the Jacobian and the outputs (rows, K)."""
+    returns the Jacobian and the outputs (rows, K). Where vmap fails on the model, jacrev one
+    row at a time, with a warning."""
     params, buffers = _state(model)
     fixed = {k: v for k, v in params.items() if k not in names}
 
@@ -63,6 +64,8 @@ def _per_sample_jacobian(model: nn.Module, names: list[str]) -> JacobianFn:
         if not looped:
             try:
                 return batched(free, x)
+            except torch.OutOfMemoryError:
+                raise  # the memory budget's business, not a batching rule's
             except RuntimeError as error:
                 # Some torch ops have no or a wrong batching rule (nn.PReLU's backward under
                 # vmap, torch 2.13): one row at a time is slower but needs none. A model that

@@ -512,3 +512,20 @@ def test_a_model_that_fails_on_one_row_raises_its_own_error() -> None:
 
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         empirical_ntk(Broken(), torch.randn(4, 3), path="generic")
+
+
+def test_running_out_of_memory_under_vmap_is_not_taken_for_a_missing_batching_rule() -> None:
+    class Hungry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch._C._functorch.is_functorch_wrapped_tensor(x):  # inside torch.func only
+                raise torch.OutOfMemoryError("out of memory (simulated)")
+            return self.fc(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "one row at a time" fallback warning
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            empirical_ntk(Hungry(), torch.randn(4, 3), path="generic")
