@@ -516,12 +516,16 @@ def test_a_model_that_fails_on_one_row_raises_its_own_error() -> None:
 
 def test_running_out_of_memory_under_vmap_is_not_taken_for_a_missing_batching_rule() -> None:
     class Hungry(nn.Module):
+        """Out of memory in its first call under torch.func (the batched one), fine after."""
+
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(3, 2)
+            self.failed = False
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if torch._C._functorch.is_functorch_wrapped_tensor(x):  # inside torch.func only
+            if torch._C._functorch.is_functorch_wrapped_tensor(x) and not self.failed:
+                self.failed = True
                 raise torch.OutOfMemoryError("out of memory (simulated)")
             return self.fc(x)
 
