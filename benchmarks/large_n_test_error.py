@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from stopping_report import git_commit
 
 from remlstop import REMLStopper
 from remlstop.datasets import paper_mlp, paper_simple_function
@@ -81,9 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     tic = time.time()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit(Path(__file__).resolve().parent.parent)
     lines: list[str] = []
     summary: dict[str, list[float]] = {}
     criteria: list[str] = []

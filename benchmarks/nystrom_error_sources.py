@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from stopping_report import git_commit
 
 from remlstop.criteria import evaluate_criteria
 from remlstop.datasets import paper_mlp, paper_simple_function
@@ -114,9 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     tic = time.time()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit(Path(__file__).resolve().parent.parent)
     n = args.n
     x, y, _, _ = paper_simple_function(n=n + 10, n_train=n, seed=0)
     model = paper_mlp(width=500, depth=2, seed=0)
