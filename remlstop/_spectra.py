@@ -31,9 +31,14 @@ _DENSE_PEAK = 2.0
 # Above this N a CPU's dense decision takes too long to be a default: 258 s at N = 10,000 on
 # two cores (benchmarks/large_n.py), growing as N^3 (about 35 min at 20,000, 2 h at 30,000).
 _DENSE_CPU_MAX_N = 20_000
-# Landmark columns (m K) by default: the cost grows as N (m K)^2, about two minutes at
-# N = 10^5 on two cores (benchmarks/large_n.py); more resolve more of the kernel.
-_DEFAULT_LANDMARK_COLUMNS = 4096
+# Landmark columns (m K) by default: as many as keep the landmark rows C (m K x N float64)
+# within _LANDMARK_BYTES, clamped to [_MIN_LANDMARK_COLUMNS, _MAX_LANDMARK_COLUMNS]. At
+# N = 20,000 every criterion's stop was within 1.2% of the dense one with 8,000 columns and
+# 2.2-3.1% off with 4,000 (benchmarks/large_n.py); the cost grows as (m K)^3 + N (m K)^2, and
+# the cap on C brings the count down to 4,096 at N = 10^5 (about two minutes on two cores).
+_MIN_LANDMARK_COLUMNS = 4096
+_MAX_LANDMARK_COLUMNS = 8192
+_LANDMARK_BYTES = 3 * 2**30
 # The landmark rows C (m K x N float64) may take this share of the budget: the kernel
 # backends' working memory and the model's own take the rest.
 _LANDMARK_SHARE = 0.5
@@ -47,15 +52,18 @@ def dense_peak_bytes(n_obs: int) -> int:
 
 
 def default_landmarks(n: int, K: int, budget: int | None) -> int:
-    """Landmark rows m for n training rows of K outputs: ``_DEFAULT_LANDMARK_COLUMNS`` / K,
-    at most half the rows (the rest is what the approximation is for) and at most what fits
-    ``_LANDMARK_SHARE`` of ``budget`` bytes."""
-    m = min(max(3, _DEFAULT_LANDMARK_COLUMNS // K), n // 2)
+    """Landmark rows m for n training rows of K outputs: m K columns as many as keep the
+    landmark rows within ``_LANDMARK_BYTES`` (8,192 up to N = n K of about 49,000, down to
+    4,096 at N = 98,000 and beyond), at most half the rows (the rest is what the approximation
+    is for) and at most what fits ``_LANDMARK_SHARE`` of ``budget`` bytes."""
+    N = n * K
+    columns = min(_MAX_LANDMARK_COLUMNS, max(_MIN_LANDMARK_COLUMNS, _LANDMARK_BYTES // (8 * N)))
+    m = min(max(3, columns // K), n // 2)
     if budget is not None:
-        m = min(m, int(_LANDMARK_SHARE * budget) // (8 * K * n * K))
+        m = min(m, int(_LANDMARK_SHARE * budget) // (8 * K * N))
     if m < 3:
         raise MemoryError(
-            f"not even 3 landmark rows of the kernel (N = {n * K}) fit the memory budget of "
+            f"not even 3 landmark rows of the kernel (N = {N}) fit the memory budget of "
             f"{budget / 2**30:.3g} GB; raise memory_budget_bytes or pass max_samples=."
         )
     return m

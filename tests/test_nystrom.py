@@ -225,14 +225,27 @@ def test_the_trajectory_rule_reads_the_exact_h_u0_on_the_nystrom_path():
     assert stops["nystrom"] == pytest.approx(stops["dense"], rel=0.02)
 
 
+def test_default_landmarks_keep_the_landmark_rows_within_3_gib():
+    from remlstop._spectra import default_landmarks
+
+    assert default_landmarks(30_000, 1, None) == 8192
+    # 3 GiB / (8 bytes x 60,000) = 6,710 columns, then 4,096 from N = 98,304 on.
+    assert default_landmarks(60_000, 1, None) == 6710
+    assert default_landmarks(30_000, 2, None) == 3355
+    assert default_landmarks(100_000, 1, None) == 4096
+    assert default_landmarks(10**6, 1, None) == 4096
+    # Half the budget for C: 2 GB / (8 x 10^5) = 2,500 rows.
+    assert default_landmarks(100_000, 1, 4 * 10**9) == 2500
+
+
 def test_auto_keeps_a_cpu_on_the_dense_path_up_to_n_20000_only():
     from remlstop._spectra import plan
 
     cpu = torch.device("cpu")
     roomy = StopperOptions(memory_budget_bytes=10**13)
     assert plan(20_000, 1, roomy, cpu) == ("dense", None)
-    assert plan(20_001, 1, roomy, cpu) == ("nystrom", 4096)
-    assert plan(10_001, 2, roomy, cpu) == ("nystrom", 2048)
+    assert plan(20_001, 1, roomy, cpu) == ("nystrom", 8192)
+    assert plan(10_001, 2, roomy, cpu) == ("nystrom", 4096)
     assert plan(20_001, 1, StopperOptions(kernel="dense"), cpu) == ("dense", None)
     assert plan(5_000, 1, StopperOptions(kernel="nystrom"), cpu) == ("nystrom", 2500)
     with pytest.raises(ValueError, match="only n = 300 training rows"):
