@@ -28,6 +28,7 @@ __all__ = [
     "available_cpus",
     "blas_threads",
     "eigh_threads",
+    "mirror_upper",
     "spectral_projection",
     "symmetric_eigh",
 ]
@@ -186,8 +187,16 @@ def _restorable(F: np.ndarray, rows: int = 256) -> bool:
     )
 
 
-def _restore_lower(F: np.ndarray, diagonal: np.ndarray, cols: int = 256) -> None:
+def _restore_lower(F: np.ndarray, diagonal: np.ndarray) -> None:
     """Copy the strictly upper triangle of ``F`` onto its lower one and put back the diagonal."""
+    mirror_upper(F)
+    np.fill_diagonal(F, diagonal)
+
+
+def mirror_upper(F: np.ndarray, cols: int = 256) -> None:
+    """Copy the strictly upper triangle of the square ``F`` onto its lower one, in place, in
+    column blocks of ``cols`` (whole-matrix transposes miss the cache); no second N x N array
+    is made. ``mirror_upper(F.T)`` mirrors the lower triangle onto the upper."""
     n = F.shape[0]
     for j in range(0, n, cols):
         k = min(n, j + cols)
@@ -195,7 +204,6 @@ def _restore_lower(F: np.ndarray, diagonal: np.ndarray, cols: int = 256) -> None
         block = F[j:k, j:k]
         lower = np.tril_indices(k - j, -1)
         block[lower] = block.T[lower]
-    np.fill_diagonal(F, diagonal)
 
 
 def _lapack_function(name: str, *args: type) -> Callable[..., None]:

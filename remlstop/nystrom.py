@@ -34,7 +34,7 @@ import torch
 from scipy.linalg import blas, lapack
 from torch import nn
 
-from .linalg import blas_threads, eigh_threads, spectral_projection
+from .linalg import blas_threads, eigh_threads, mirror_upper, spectral_projection
 from .spectrum import KernelSpectrum, _orthonormal_basis, as_float64_vector, expand_covariates
 
 __all__ = [
@@ -50,8 +50,6 @@ __all__ = [
 # below this fraction of its largest: directions not determined to float64 accuracy (W^{-1}
 # would amplify their round-off).
 _RANK_TOL = 1e-10
-# Column blocks in which an m x m matrix is mirrored (whole-matrix transposes miss the cache).
-_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -108,12 +106,7 @@ def _gram_rows(C: np.ndarray) -> np.ndarray:
     mirrored in column blocks so that no second mK x mK matrix is made."""
     with blas_threads():
         G = blas.dsyrk(1.0, C.T, trans=1, lower=1)
-    for j in range(0, G.shape[0], _BLOCK):
-        k = min(G.shape[0], j + _BLOCK)
-        G[j:k, k:] = G[k:, j:k].T
-        block = G[j:k, j:k]
-        upper = np.triu_indices(k - j, 1)
-        block[upper] = block.T[upper]
+    mirror_upper(G.T)
     return G
 
 
