@@ -11,6 +11,13 @@ once, giving the full per-sample Jacobian dict, then one ``einsum`` per paramete
 float32. It is skipped where its estimated peak (3.5 × the float32 Jacobian + 0.3 GB, fitted to
 measurements on this machine) exceeds 12 GB.
 
+Two references are measured beside the kernel paths, on the same rows in one batch: forward,
+one plain forward pass (``torch.no_grad``), a floor for any kernel path, which must evaluate
+every row; and step, the forward and backward pass of the summed outputs with respect to the
+parameters, what one full-batch gradient over the n rows costs. A kernel path needs at least a
+backward pass per output to the layers' outputs, so generic / step roughly bounds the speed-up
+over the generic path that a path built from autograd's kernels can reach.
+
 Usage: ``OMP_NUM_THREADS=2 python benchmarks/ntk_speed.py [--quick] [--repeats 3]
 [--models cnn,lenet,lenet10]``; writes ``benchmarks/results/ntk_speed.md`` and ``.csv``. With
 ``--models`` only those models are measured and the committed rows of the others are kept, each
@@ -89,9 +96,13 @@ def naive_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def run_method(method: str, model: nn.Module, x: torch.Tensor) -> None:
     from remlstop.ntk import empirical_ntk
 
-    with torch.no_grad() if method == "baseline" else torch.enable_grad():
+    with torch.no_grad() if method in ("baseline", "forward") else torch.enable_grad():
         if method == "baseline":
             naive_ntk(model, x)
+        elif method == "forward":
+            model(x)
+        elif method == "step":
+            model(x).sum().backward()
         else:
             empirical_ntk(model, x, path=method)
 
@@ -166,12 +177,18 @@ def fmt_s(s: float | None) -> str:
     return "—" if s is None else f"{s:.2f}"
 
 
+def fmt_s3(s: float | None) -> str:
+    return "—" if s is None else f"{s:.3f}"
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None or b <= 0 else f"{a / b:.1f}×"
 
 
 FIELDS = ["model", "n", "P", "K"] + [
-    f"{m}_{q}" for m in ("layerwise", "generic", "baseline") for q in ("seconds", "peak_bytes")
+    f"{m}_{q}"
+    for m in ("layerwise", "generic", "baseline", "forward", "step")
+    for q in ("seconds", "peak_bytes")
 ]
 """Columns of the CSV, then the provenance of each row: ``run`` (its command and commit)."""
 
@@ -249,7 +266,7 @@ def main() -> None:
         P = sum(p.numel() for p in model.parameters())
         K = outputs_per_row(model_name)
         result: dict[str, object] = {"model": model_name, "n": n, "P": P, "K": K, "run": run}
-        for method in ("layerwise", "generic", "baseline"):
+        for method in ("layerwise", "generic", "baseline", "forward", "step"):
             if method == "baseline" and not baseline_fits(model_name, n):
                 result[f"{method}_seconds"] = result[f"{method}_peak_bytes"] = None
                 continue
@@ -312,12 +329,18 @@ def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
         "groups of 65,536 parameters accumulated in float64 (relative error about 1e-7), and "
         "so does the layerwise path with the per-sample gradients of conv layers; its chunk "
         "budget is the default 1 GiB, so at most two chunks of 1,046 rows of the mlp500 "
-        "Jacobian are alive at once.",
+        "Jacobian are alive at once. Forward = one plain forward pass over the n rows (no "
+        "gradients, one batch); step = forward and backward of the summed outputs to the "
+        "parameters, one full-batch gradient (rows measured before these columns existed show "
+        "—). Every kernel path needs at least a backward pass per output, so generic/step "
+        "roughly bounds the speed-up over the generic path that a path built from autograd's "
+        "kernels can reach.",
         "",
         "| model | n | K | P | fast s | generic s | baseline s | fast GB | generic GB | "
         "baseline GB | generic/fast time | baseline/fast time | baseline/generic time | "
-        "baseline/fast mem | baseline/generic mem | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "baseline/fast mem | baseline/generic mem | forward s | step s | fast/step time | "
+        "generic/step time | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -331,6 +354,9 @@ def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
             f"{ratio(g(r, 'baseline_seconds'), g(r, 'generic_seconds'))} | "
             f"{ratio(g(r, 'baseline_peak_bytes'), g(r, 'layerwise_peak_bytes'))} | "
             f"{ratio(g(r, 'baseline_peak_bytes'), g(r, 'generic_peak_bytes'))} | "
+            f"{fmt_s3(g(r, 'forward_seconds'))} | {fmt_s3(g(r, 'step_seconds'))} | "
+            f"{ratio(g(r, 'layerwise_seconds'), g(r, 'step_seconds'))} | "
+            f"{ratio(g(r, 'generic_seconds'), g(r, 'step_seconds'))} | "
             f"{runs.index(str(r['run'])) + 1} |"
         )
     lines += [

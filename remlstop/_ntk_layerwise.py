@@ -292,8 +292,9 @@ class _LinearFeatures:
 
 @dataclasses.dataclass(frozen=True)
 class _FlatFeatures:
-    """One conv layer's per-sample gradients: row i·K + k of ``grads`` is ∂f_k(x_i)/∂θ over
-    the layer's trainable parameters (M1 order), held in the model's dtype."""
+    """The conv layers' per-sample gradients: row i·K + k of ``grads`` is ∂f_k(x_i)/∂θ over the
+    trainable parameters of every conv layer, layer after layer (M1 order), held in the model's
+    dtype."""
 
     grads: torch.Tensor
 
@@ -336,8 +337,9 @@ _Features = _LinearFeatures | _FlatFeatures
 def _layer_features(
     layers: list[nn.Module], x: torch.Tensor, K: int, chunk: int
 ) -> list[_Features]:
-    """The features of every layer with a trainable parameter (factors A and G of a Linear,
-    flat per-sample gradients of a Conv2d), from one backward per output column per chunk.
+    """The features of the layers with a trainable parameter: the flat per-sample gradients of
+    every Conv2d in one :class:`_FlatFeatures` (first, when there is a conv layer), then the
+    factors A and G of each Linear, from one backward per output column per chunk.
 
     Rows are independent, so the gradient of Σ_i f_k(x_i) with respect to a layer's outputs
     holds, in row i, the gradient of f_k(x_i) alone: K backward passes per chunk of rows give
@@ -352,13 +354,19 @@ def _layer_features(
         if isinstance(m, nn.Linear) and m.weight.requires_grad
     }
     grads = {
-        id(m): torch.empty(
-            (n * K, m.out_features if isinstance(m, nn.Linear) else _flat_width(m)),
-            dtype=dtype,
-            device=x.device,
-        )
+        id(m): torch.empty((n * K, m.out_features), dtype=dtype, device=x.device)
         for m in trainable
+        if isinstance(m, nn.Linear)
     }
+    # Every conv layer's flat gradients side by side in one matrix: their blocks sum to one
+    # product Φ Φᵀ, one large multiplication and one pass over each tile instead of one per
+    # layer (a first conv layer's few columns multiply far below BLAS's peak on their own).
+    convs = [m for m in trainable if not isinstance(m, nn.Linear)]
+    flat = torch.empty((n * K, sum(map(_flat_width, convs))), dtype=dtype, device=x.device)
+    offset = 0
+    for m in convs:
+        grads[id(m)] = flat[:, offset : offset + _flat_width(m)]
+        offset += _flat_width(m)
     for start in range(0, n, chunk):
         xc = x[start : start + chunk]
         rows = xc.shape[0]
@@ -391,16 +399,18 @@ def _layer_features(
                 target.copy_(g.reshape(rows * K, -1))
             else:
                 _conv_gradients(layer, conv_inputs.get(id(layer)), g, target)
-    return [
+    # The conv block first: written from its float32 product by a copy, where adding it to a
+    # tile would read and write the tile once more.
+    linear: list[_Features] = [
         _LinearFeatures(
             inputs=inputs.get(id(m)),
             bias=m.bias is not None and m.bias.requires_grad,
             grads=grads[id(m)],
         )
-        if isinstance(m, nn.Linear)
-        else _FlatFeatures(grads[id(m)])
         for m in trainable
+        if isinstance(m, nn.Linear)
     ]
+    return ([_FlatFeatures(flat)] if convs else []) + linear
 
 
 @dataclasses.dataclass(frozen=True)
