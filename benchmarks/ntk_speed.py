@@ -14,9 +14,10 @@ measurements on this machine) exceeds 12 GB.
 Two references are measured beside the kernel paths, on the same rows in one batch: forward,
 one plain forward pass (``torch.no_grad``), a floor for any kernel path, which must evaluate
 every row; and step, the forward and backward pass of the summed outputs with respect to the
-parameters, what one full-batch gradient over the n rows costs. A kernel path needs at least a
-backward pass per output to the layers' outputs, so generic / step roughly bounds the speed-up
-over the generic path that a path built from autograd's kernels can reach.
+parameters, what one full-batch gradient over the n rows costs. A kernel path needs at least
+a forward and K backward passes and the per-sample gradients of the conv layers, about K steps,
+plus its Gram products: with one output and a cheap Gram (lenet), generic / step bounds the
+speed-up over the generic path that a path built from autograd's kernels can reach.
 
 Usage: ``OMP_NUM_THREADS=2 python benchmarks/ntk_speed.py [--quick] [--repeats 3]
 [--models cnn,lenet,lenet10]``; writes ``benchmarks/results/ntk_speed.md`` and ``.csv``. With
@@ -332,9 +333,10 @@ def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
         "Jacobian are alive at once. Forward = one plain forward pass over the n rows (no "
         "gradients, one batch); step = forward and backward of the summed outputs to the "
         "parameters, one full-batch gradient (rows measured before these columns existed show "
-        "—). Every kernel path needs at least a backward pass per output, so generic/step "
-        "roughly bounds the speed-up over the generic path that a path built from autograd's "
-        "kernels can reach.",
+        "—). A kernel path needs a forward, K backward passes and the conv layers' per-sample "
+        "gradients, about K steps, plus its Gram products: with K = 1 and a cheap Gram (lenet) "
+        "generic/step bounds the speed-up over the generic path that a path built from "
+        "autograd's kernels can reach.",
         "",
         "| model | n | K | P | fast s | generic s | baseline s | fast GB | generic GB | "
         "baseline GB | generic/fast time | baseline/fast time | baseline/generic time | "

@@ -505,8 +505,10 @@ def _fill_kernel(
     chunk: int,
     tile_fn: Callable[[int, int, int, int], torch.Tensor],
     symmetric: bool,
+    N: int,
 ) -> None:
-    """Write tile_fn(row block, column block) into ``out`` in square blocks of ``chunk`` rows.
+    """Write tile_fn(row block, column block) / N into ``out`` in square blocks of ``chunk``
+    rows; dividing as the tile is written spares a pass over it.
 
     When symmetric only the upper block triangle is computed and mirrored, halving the work.
     Square blocks keep the working memory at a few chunk² tiles, whatever n is.
@@ -518,14 +520,13 @@ def _fill_kernel(
             tile = tile_fn(r0, r1, c0, c1).to(out.device)
             if symmetric and c0 == r0:
                 _symmetrize(tile)  # before it is written: the tile is contiguous, ``out`` is not
-            out[r0 * K : r1 * K, c0 * K : c1 * K] = tile
+            torch.div(tile, N, out=out[r0 * K : r1 * K, c0 * K : c1 * K])
             if symmetric and c0 != r0:
                 mirror = out[c0 * K : c1 * K, r0 * K : r1 * K]
                 for i in range(0, tile.shape[0], _PIECE):
                     for j in range(0, tile.shape[1], _PIECE):
-                        mirror[j : j + _PIECE, i : i + _PIECE] = tile[
-                            i : i + _PIECE, j : j + _PIECE
-                        ].T
+                        piece = tile[i : i + _PIECE, j : j + _PIECE].T
+                        torch.div(piece, N, out=mirror[j : j + _PIECE, i : i + _PIECE])
             del tile
 
 
@@ -562,10 +563,11 @@ def kernel(
 
     def tile(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         left, right = [f.rows(r0, r1, K) for f in feats2], [f.rows(c0, c1, K) for f in feats]
-        return _tile(left, right, K, out.dtype, scratch).div_(N)
+        return _tile(left, right, K, out.dtype, scratch)
 
     n = x.shape[0]
-    _fill_kernel(out, n if x2 is None else x2.shape[0], n, K, chunk, tile, symmetric=x2 is None)
+    rows_2 = n if x2 is None else x2.shape[0]
+    _fill_kernel(out, rows_2, n, K, chunk, tile, symmetric=x2 is None, N=N)
 
 
 def work_bytes(

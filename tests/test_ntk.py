@@ -130,6 +130,14 @@ LAYERWISE_CASES = {
     "no_bias_with_flatten": lambda: nn.Sequential(
         nn.Flatten(), nn.Linear(10, 9, bias=False), nn.SiLU(), nn.Linear(9, 2)
     ).double(),
+    "frozen_last_weight": lambda: frozen(tanh_mlp().double(), "3.weight"),
+    "activation_after_last_linear": lambda: nn.Sequential(
+        nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh()
+    ).double(),
+    "unflattened_outputs": lambda: nn.Sequential(
+        nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 6), nn.Unflatten(1, (2, 3))
+    ).double(),
+    "one_linear_layer": lambda: nn.Linear(10, 3).double(),
 }
 
 
