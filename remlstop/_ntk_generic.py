@@ -76,7 +76,8 @@ def _per_sample_jacobian(model: nn.Module, names: list[str]) -> JacobianFn:
                     "torch.func could not batch this model's per-sample Jacobians "
                     f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); computing "
                     "them one row at a time, which is slower. Supported layers (Linear, "
-                    "Conv2d, elementwise activations) take the layer-wise path instead.",
+                    "Conv2d, Embedding, elementwise activations) take the layer-wise path "
+                    "instead.",
                     RuntimeWarning,
                     stacklevel=2,
                 )

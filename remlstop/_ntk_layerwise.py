@@ -1,7 +1,8 @@
 """Layer-wise backend of the empirical NTK (METHOD M1): the exact dense kernel from layer features.
 
-Networks made only of ``nn.Linear`` and ``nn.Conv2d`` layers and parameter-free row-wise modules
-(elementwise activations, 2-D pooling, ``Flatten``, ``Unflatten``, ``Dropout``), possibly in
+Networks made only of ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` layers (an embedding
+reading the integer inputs) and parameter-free row-wise modules (elementwise activations, 2-D
+pooling, ``Flatten``, ``Unflatten``, ``Dropout``), possibly in
 nested ``nn.Sequential``, each parameter used once (a layer applied twice or a tied weight would
 need the cross terms between its uses, so such networks take the generic backend). Each layer
 with a trainable parameter contributes one block to every kernel entry:
@@ -16,6 +17,10 @@ with a trainable parameter contributes one block to every kernel entry:
   (c_out × c_in/groups × kh × kw values), so they are formed for every row, all rows of a chunk
   at once as the weight gradient of one grouped convolution, and the block is Φ Φᵀ, far cheaper
   than the factor formula over pairs of positions.
+* Embedding, the same way: row v of the weight's gradient is the sum of the output gradients
+  at the positions holding index v (V × d values per row, so only for small tables: a large
+  one sends the network to the generic backend through the memory check). The flat gradients
+  of all conv and embedding layers sit side by side in one Φ.
 
 A wrapper (a LightningModule whose ``forward`` calls ``self.net``) gets this backend through
 :func:`delegate`.
@@ -66,7 +71,7 @@ _ROWWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd,
 )
 
-_LAYERS = (nn.Linear, nn.Conv2d)
+_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
 _2D_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -122,14 +127,19 @@ def unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
                     return f"a parameter of {layer!r} is used more than once (shared weights)"
                 seen.add(id(p))
         elif list(layer.parameters()):
-            return f"{layer!r} has parameters outside nn.Linear and nn.Conv2d"
+            return f"{layer!r} has parameters outside nn.Linear, nn.Conv2d and nn.Embedding"
         elif not isinstance(layer, _ROWWISE_MODULES):
             return (
-                f"{type(layer).__name__} ({layer!r}) is not nn.Linear, nn.Conv2d or a row-wise "
-                "parameter-free module"
+                f"{type(layer).__name__} ({layer!r}) is not nn.Linear, nn.Conv2d, nn.Embedding "
+                "or a row-wise parameter-free module"
             )
         elif getattr(layer, "return_indices", False):
             return f"{layer!r} returns pooling indices, not a tensor"
+        if isinstance(layer, nn.Embedding) and layer.max_norm is not None:
+            return f"{layer!r} renormalises its weight in place in every forward (max_norm)"
+        if isinstance(layer, nn.Embedding) and layer.scale_grad_by_freq:
+            # The gradient is divided by each index's count in the batch: not one row's own.
+            return f"{layer!r} scales its gradients by the batch's index counts"
     with torch.no_grad():
         h = x[:1]
         for layer in layers:
@@ -155,14 +165,26 @@ def unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
 
 
 def _is_trainable(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a Linear or Conv2d with a trainable parameter (one with features)."""
+    """Whether ``layer`` is a Linear, Conv2d or Embedding with a trainable parameter (one with
+    features)."""
     return isinstance(layer, _LAYERS) and any(p.requires_grad for p in layer.parameters())
 
 
-def _flat_width(layer: nn.Conv2d) -> int:
-    """Trainable parameters of a conv layer: the width of its flat per-sample gradients."""
+def _flat_width(layer: nn.Conv2d | nn.Embedding) -> int:
+    """Trainable parameters of a conv or embedding layer: the width of its flat per-sample
+    gradients."""
+    if isinstance(layer, nn.Embedding):
+        return layer.weight.numel() * layer.weight.requires_grad
     bias = layer.bias is not None and layer.bias.requires_grad
     return layer.weight.numel() * layer.weight.requires_grad + layer.out_channels * bias
+
+
+def _feature_dtype(layers: list[nn.Module], x: torch.Tensor) -> torch.dtype:
+    """The dtype of the features: the inputs' (the model's, cast by :mod:`remlstop.ntk`), or the
+    first layer's parameters' when the inputs are indices into an Embedding."""
+    if x.is_floating_point():
+        return x.dtype
+    return next(p for layer in layers for p in layer.parameters()).dtype
 
 
 def _padding(layer: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -185,6 +207,8 @@ def _forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """A Linear's or Conv2d's output with its parameters detached: only the gradients with
     respect to its output are needed, and autograd then skips the parameters' own."""
     weight = layer.weight.detach()
+    if isinstance(layer, nn.Embedding):  # max_norm and scale_grad_by_freq are refused above
+        return functional.embedding(h, weight, layer.padding_idx)
     bias = None if layer.bias is None else layer.bias.detach()
     if isinstance(layer, nn.Linear):
         return functional.linear(h, weight, bias)
@@ -232,6 +256,27 @@ def _conv_gradients(
         target.copy_(weight.view(rows, groups, K, per_group, -1).transpose(1, 2))
     if layer.bias is not None and layer.bias.requires_grad:
         out[:, width:].copy_(grads.sum((3, 4)).view(rows * K, c_out))
+
+
+def _embedding_gradients(
+    layer: nn.Embedding, indices: torch.Tensor, grads: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Write each row's and output's flat gradient of an embedding's weight into ``out``
+    (rows·K × V·d, M1 order): row v of the weight gets the sum of the output gradients at the
+    row's positions holding index v, none for ``padding_idx``, as the embedding's backward does.
+
+    ``indices``: the layer's inputs, (rows, ...); ``grads``: the gradients of the K outputs
+    with respect to its output, (rows, K, ..., d).
+    """
+    rows, K = grads.shape[:2]
+    V, d = layer.weight.shape
+    index = indices.reshape(rows, 1, -1).expand(rows, K, -1).reshape(rows * K, -1)
+    values = grads.reshape(rows * K, -1, d)
+    if layer.padding_idx is not None:
+        values = values * (index != layer.padding_idx)[..., None]
+    which = torch.arange(rows * K, device=out.device)[:, None].expand_as(index)
+    out.zero_()
+    out.view(rows * K, V, d).index_put_((which, index), values, accumulate=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +392,7 @@ def _layer_features(
     """
     trainable = [m for m in layers if _is_trainable(m)]
     # Filled chunk by chunk in place: concatenating chunks would hold every feature twice.
-    n, dtype = x.shape[0], x.dtype
+    n, dtype = x.shape[0], _feature_dtype(layers, x)
     inputs = {
         id(m): torch.empty((n, m.in_features), dtype=dtype, device=x.device)
         for m in trainable
@@ -358,9 +403,9 @@ def _layer_features(
         for m in trainable
         if isinstance(m, nn.Linear)
     }
-    # Every conv layer's flat gradients side by side in one matrix: their blocks sum to one
-    # product Φ Φᵀ, one large multiplication and one pass over each tile instead of one per
-    # layer (a first conv layer's few columns multiply far below BLAS's peak on their own).
+    # Every conv and embedding layer's flat gradients side by side in one matrix: their blocks
+    # sum to one product Φ Φᵀ, one large multiplication and one pass over each tile instead of
+    # one per layer (a first conv layer's few columns multiply far below BLAS's peak alone).
     convs = [m for m in trainable if not isinstance(m, nn.Linear)]
     flat = torch.empty((n * K, sum(map(_flat_width, convs))), dtype=dtype, device=x.device)
     offset = 0
@@ -373,16 +418,19 @@ def _layer_features(
         outputs: list[torch.Tensor] = []
         conv_inputs: dict[int, torch.Tensor] = {}
         with torch.enable_grad():
-            h = xc.detach().requires_grad_(True)
+            # Indices into an Embedding have no gradient: the graph starts at its output.
+            h = xc.detach().requires_grad_(True) if xc.is_floating_point() else xc.detach()
             for layer in layers:
                 if not isinstance(layer, _LAYERS):
                     h = layer(h)
                     continue
                 if id(layer) in inputs:
                     inputs[id(layer)][start : start + rows] = h.detach()
-                elif isinstance(layer, nn.Conv2d) and layer.weight.requires_grad:
+                elif not isinstance(layer, nn.Linear) and layer.weight.requires_grad:
                     conv_inputs[id(layer)] = h.detach()
                 h = _forward(layer, h)
+                if isinstance(layer, nn.Embedding):
+                    h.requires_grad_(True)
                 if id(layer) in grads:
                     outputs.append(h)
             out = h.reshape(rows, -1)
@@ -397,6 +445,8 @@ def _layer_features(
             target = grads[id(layer)][start * K : (start + rows) * K]
             if isinstance(layer, nn.Linear):
                 target.copy_(g.reshape(rows * K, -1))
+            elif isinstance(layer, nn.Embedding):
+                _embedding_gradients(layer, conv_inputs[id(layer)], g, target)
             else:
                 _conv_gradients(layer, conv_inputs.get(id(layer)), g, target)
     # The conv block first: written from its float32 product by a copy, where adding it to a
@@ -556,7 +606,8 @@ def kernel(
     ``chunk`` rows that hold at most ``budget`` bytes. Dividing tile by tile spares a pass over
     the whole kernel."""
     layers = flatten_sequential(model)
-    rows = _pass_rows(_row_sizes(layers, x, K), chunk, budget, x.element_size())
+    itemsize = _feature_dtype(layers, x).itemsize
+    rows = _pass_rows(_row_sizes(layers, x, K), chunk, budget, itemsize)
     feats = _layer_features(layers, x, K, rows)
     feats2 = feats if x2 is None else _layer_features(layers, x2, K, rows)
     scratch = _Scratch(x.device)
@@ -586,7 +637,7 @@ def work_bytes(
     the kernel's ``itemsize``."""
     layers = flatten_sequential(network)
     sizes = _row_sizes(layers, x, K)
-    n, model_itemsize = x.shape[0], x.element_size()
+    n, model_itemsize = x.shape[0], _feature_dtype(layers, x).itemsize
     b = min(rows, n, n2 or n)
     features = (n + (n2 or 0)) * sizes.kept * model_itemsize
     feature_pass = _pass_rows(sizes, rows, budget, model_itemsize) * sizes.transient
@@ -605,7 +656,7 @@ def trace(
     sizes = _row_sizes(layers, x, K)
     # Per row: its features and one pass's transients in the model's dtype, and a float64 copy
     # of the features.
-    per_row = x.element_size() * (sizes.kept + sizes.transient) + 8 * sizes.kept
+    per_row = _feature_dtype(layers, x).itemsize * (sizes.kept + sizes.transient) + 8 * sizes.kept
     rows = chunk_size or max(1, budget_bytes // max(1, per_row))
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for r0 in range(0, x.shape[0], rows):

@@ -9,11 +9,11 @@ cross kernel is C = J(x2) J(x)ᵀ / N with N the training N.
 This module validates the arguments, checks memory and chooses one of two backends in one
 place (:func:`_dispatch`) for all three public functions:
 
-* ``"layerwise"`` (:mod:`remlstop._ntk_layerwise`): networks of ``nn.Linear`` and
-  ``nn.Conv2d`` layers, row-wise activations and 2-D pooling in nested ``nn.Sequential`` (or
-  wrappers around one), exact kernels from Gram matrices of layer activations and output
-  gradients (Linear) and from per-sample gradients of the conv layers, with one backward pass per
-  output.
+* ``"layerwise"`` (:mod:`remlstop._ntk_layerwise`): networks of ``nn.Linear``, ``nn.Conv2d``
+  and ``nn.Embedding`` (of the integer inputs) layers, row-wise activations and 2-D pooling in
+  nested ``nn.Sequential`` (or wrappers around one), exact kernels from Gram matrices of layer
+  activations and output gradients (Linear) and from per-sample gradients of the conv and
+  embedding layers, with one backward pass per output.
 * ``"generic"`` (:mod:`remlstop._ntk_generic`): any ``nn.Module``, by per-sample Jacobians
   built in row chunks under a memory budget (relative error about 1e-7 for a float32 model,
   float64 throughout for a float64 one); the only backend with kernel-vector products.
@@ -359,7 +359,8 @@ def empirical_ntk(
             activations + one tile of products; parameters are split into groups when even one
             row exceeds the budget. Layerwise path: the peak is about the kernel + budget + the
             per-layer features, n·(Σ d_in + K·Σ d_out) values for the Linear layers and n·K·P_conv
-            (the conv layers' trainable parameters) for the Conv2d layers, in the model's dtype.
+            (the trainable parameters of the Conv2d and Embedding layers) for the others, in the
+            model's dtype.
             With ``path="auto"`` a model whose layer-wise features do not fit where the generic
             backend's chunks do takes the generic path.
         memory_limit_bytes: bytes the kernel and this working memory may take on each device
@@ -517,9 +518,9 @@ def ntk_trace(model: nn.Module, x: torch.Tensor, *, chunk_size: int | None = Non
     """Exact tr(H) = Σ_i ‖∂f_i/∂θ‖² / N from per-row gradient norms (METHOD M1).
 
     Uses the layer-wise features when the model supports them (‖G_ik A_iᵀ‖² = ‖G_ik‖²‖A_i‖² for
-    a Linear, per-sample gradients for a Conv2d), per-sample Jacobians otherwise; rows are
-    processed ``chunk_size`` at a time (default from ``DEFAULT_MEMORY_BUDGET_BYTES``). The mean
-    eigenvalue of H is ``ntk_trace(...) / N``.
+    a Linear, per-sample gradients for a Conv2d or Embedding), per-sample Jacobians otherwise;
+    rows are processed ``chunk_size`` at a time (default from ``DEFAULT_MEMORY_BUDGET_BYTES``).
+    The mean eigenvalue of H is ``ntk_trace(...) / N``.
     """
     _check_chunk_size(chunk_size)
     params = _trainable(model)

@@ -246,7 +246,11 @@ def batchnorm_cnn() -> nn.Module:
 @pytest.mark.parametrize(
     ("factory", "shape", "reason"),
     [
-        (batchnorm_cnn, (2, 6, 6), "BatchNorm2d.*parameters outside nn.Linear and nn.Conv2d"),
+        (
+            batchnorm_cnn,
+            (2, 6, 6),
+            "BatchNorm2d.*parameters outside nn.Linear, nn.Conv2d and nn.Embedding",
+        ),
         (
             lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.GroupNorm(1, 3), *head(3, 4)).double(),
             (2, 6, 6),
@@ -255,7 +259,7 @@ def batchnorm_cnn() -> nn.Module:
         (
             lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Softmax(1), *head(3, 4)).double(),
             (2, 6, 6),
-            "Softmax.*not nn.Linear, nn.Conv2d or a row-wise",
+            "Softmax.*not nn.Linear, nn.Conv2d, nn.Embedding or a row-wise",
         ),
     ],
     ids=["batchnorm2d", "groupnorm", "softmax"],
