@@ -368,3 +368,17 @@ def test_test_covariates_survive_a_resume():
     again = resumed.start()
     assert again.test.n_fixed == 1
     assert again.test.pvalue == pytest.approx(decision.test.pvalue, rel=1e-12)
+
+
+def test_integer_inputs_of_an_embedding_network_get_the_layerwise_kernel():
+    torch.manual_seed(0)
+    X = torch.randint(0, 12, (80, 2))
+    Y = torch.randn(12)[X].sum(1, keepdim=True) + 0.3 * torch.randn(80, 1)
+    model = nn.Sequential(
+        nn.Embedding(12, 4), nn.Flatten(), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)
+    )
+    stopper = REMLStopper(model, X, Y, optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+    decision = stopper.start()
+    assert decision.kernel_path == "layerwise"
+    assert decision.train and math.isfinite(decision.fit.t) and decision.fit.t > 0
+    assert math.isfinite(decision.target_steps) and decision.target_steps > 0
