@@ -129,3 +129,15 @@ def test_embedding_network_is_left_as_found() -> None:
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_embedding_kernel_on_each_device_matches_the_cpu_kernel(device: str) -> None:
+    factory, shape = CASES["repeated_indices_and_padding"]
+    torch.manual_seed(0)
+    model = factory().double()
+    x = torch.randint(0, model[0].num_embeddings, shape)
+    reference = empirical_ntk(model, x)
+    H, info = empirical_ntk(model.to(device), x.to(device), return_info=True)
+    assert info.path == "layerwise" and H.device.type == device
+    assert rel_err(H.cpu(), reference) < 1e-12
