@@ -586,9 +586,10 @@ def tile_rows(n: int, K: int, budget: int, itemsize: int) -> int:
     # A b × b tile holds b·K × b·K values twice (the tile and one layer's block) plus b × b, and
     # a conv layer's float32 product before it is accumulated (4 bytes per value).
     b = math.isqrt(max(1, budget // ((2 * itemsize + 4) * K * K + itemsize)))
-    # Tiles of about n/8 rows (not below 256) let the symmetric kernel skip most of its lower
-    # triangle while each product stays large enough for BLAS to run at full speed.
-    return max(1, min(n, b, max(256, -(-n // 8))))
+    # Tiles of about n/8 rows let the symmetric kernel skip most of its lower triangle, while
+    # each product, of b·K kernel entries a side, stays large enough (256) for BLAS to run at
+    # full speed: the floor is in entries, so ten outputs allow tiles of a tenth of the rows.
+    return max(1, min(n, b, max(-(-256 // K), -(-n // 8))))
 
 
 def kernel(
