@@ -34,27 +34,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
+from nystrom_error_sources import RESULTS, dense_case, stop_times
 from scipy.linalg import lapack, solve_triangular
 from stopping_report import git_commit
 
-from remlstop.criteria import evaluate_criteria
-from remlstop.datasets import paper_mlp, paper_simple_function
-from remlstop.ntk import empirical_ntk
 from remlstop.nystrom import choose_landmarks, nystrom_from_rows
-from remlstop.spectrum import KernelSpectrum
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def stop_times(spectrum: KernelSpectrum) -> dict[str, float]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {name: fit.t for name, fit in evaluate_criteria(spectrum).fits.items()}
 
 
 def diagonal_draw(H: np.ndarray, m: int, seed: int) -> np.ndarray:
@@ -103,14 +90,7 @@ def main() -> None:
     rows = []
     names: list[str] = []
     for n in ints(args.n):
-        x, y, _, _ = paper_simple_function(n=n + 10, n_train=n, seed=0)
-        model = paper_mlp(width=500, depth=2, seed=0)
-        H = empirical_ntk(model, x).numpy()
-        with torch.no_grad():
-            u0 = (y.double() - model(x).double()).reshape(-1).numpy()
-        lam, V = np.linalg.eigh(H)
-        dense = stop_times(KernelSpectrum.from_eigen(np.clip(lam, 0.0, None), V.T @ u0))
-        del V
+        H, u0, _, _, dense = dense_case(n)
         names = list(dense)
         trace = float(np.trace(H))
         for m in ints(args.landmarks):

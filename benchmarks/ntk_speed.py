@@ -174,12 +174,8 @@ def fmt_gb(b: float | None) -> str:
     return "—" if b is None else f"{b / 1e9:.2f}"
 
 
-def fmt_s(s: float | None) -> str:
-    return "—" if s is None else f"{s:.2f}"
-
-
-def fmt_s3(s: float | None) -> str:
-    return "—" if s is None else f"{s:.3f}"
+def fmt_s(s: float | None, digits: int = 2) -> str:
+    return "—" if s is None else f"{s:.{digits}f}"
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -356,7 +352,7 @@ def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
             f"{ratio(g(r, 'baseline_seconds'), g(r, 'generic_seconds'))} | "
             f"{ratio(g(r, 'baseline_peak_bytes'), g(r, 'layerwise_peak_bytes'))} | "
             f"{ratio(g(r, 'baseline_peak_bytes'), g(r, 'generic_peak_bytes'))} | "
-            f"{fmt_s3(g(r, 'forward_seconds'))} | {fmt_s3(g(r, 'step_seconds'))} | "
+            f"{fmt_s(g(r, 'forward_seconds'), 3)} | {fmt_s(g(r, 'step_seconds'), 3)} | "
             f"{ratio(g(r, 'layerwise_seconds'), g(r, 'step_seconds'))} | "
             f"{ratio(g(r, 'generic_seconds'), g(r, 'step_seconds'))} | "
             f"{runs.index(str(r['run'])) + 1} |"

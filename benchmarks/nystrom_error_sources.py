@@ -56,6 +56,19 @@ def stop_times(spectrum: KernelSpectrum) -> dict[str, float]:
         return {name: fit.t for name, fit in evaluate_criteria(spectrum).fits.items()}
 
 
+def dense_case(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """The paper's MLP's kernel H on n rows of the paper's simple function, the residual u0,
+    H's eigenvalues (clipped at 0) and eigenvectors, and the dense spectrum's stop times."""
+    x, y, _, _ = paper_simple_function(n=n + 10, n_train=n, seed=0)
+    model = paper_mlp(width=500, depth=2, seed=0)
+    H = empirical_ntk(model, x).numpy()
+    with torch.no_grad():
+        u0 = (y.double() - model(x).double()).reshape(-1).numpy()
+    lam, V = np.linalg.eigh(H)
+    lam = np.clip(lam, 0.0, None)
+    return H, u0, lam, V, stop_times(KernelSpectrum.from_eigen(lam, V.T @ u0))
+
+
 def lanczos_radau(H: np.ndarray, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights (summing to ||v||^2) of the k+1-point Gauss-Radau rule for v's
     spectral measure under H, with the prescribed node 0 (full reorthogonalisation)."""
@@ -116,14 +129,7 @@ def main() -> None:
     tic = time.time()
     commit = git_commit(Path(__file__).resolve().parent.parent)
     n = args.n
-    x, y, _, _ = paper_simple_function(n=n + 10, n_train=n, seed=0)
-    model = paper_mlp(width=500, depth=2, seed=0)
-    H = empirical_ntk(model, x).numpy()
-    with torch.no_grad():
-        u0 = (y.double() - model(x).double()).reshape(-1).numpy()
-    lam, V = np.linalg.eigh(H)
-    lam = np.clip(lam, 0.0, None)
-    dense = stop_times(KernelSpectrum.from_eigen(lam, V.T @ u0))
+    H, u0, lam, V, dense = dense_case(n)
     del V
     names = list(dense)
     rows = []

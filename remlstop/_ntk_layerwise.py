@@ -31,6 +31,7 @@ The functions here assume the checks and the model preservation of :mod:`remlsto
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 
@@ -204,8 +205,9 @@ def _padding(layer: nn.Conv2d) -> tuple[int, int, int, int]:
 
 
 def _forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """A Linear's or Conv2d's output with its parameters detached: only the gradients with
-    respect to its output are needed, and autograd then skips the parameters' own."""
+    """A Linear's, Conv2d's or Embedding's output with its parameters detached: only the
+    gradients with respect to its output are needed, and autograd then skips the parameters'
+    own."""
     weight = layer.weight.detach()
     if isinstance(layer, nn.Embedding):  # max_norm and scale_grad_by_freq are refused above
         return functional.embedding(h, weight, layer.padding_idx)
@@ -337,9 +339,9 @@ class _LinearFeatures:
 
 @dataclasses.dataclass(frozen=True)
 class _FlatFeatures:
-    """The conv layers' per-sample gradients: row i·K + k of ``grads`` is ∂f_k(x_i)/∂θ over the
-    trainable parameters of every conv layer, layer after layer (M1 order), held in the model's
-    dtype."""
+    """The conv and embedding layers' per-sample gradients: row i·K + k of ``grads`` is
+    ∂f_k(x_i)/∂θ over the trainable parameters of every such layer, layer after layer (M1
+    order), held in the model's dtype."""
 
     grads: torch.Tensor
 
@@ -383,8 +385,8 @@ def _layer_features(
     layers: list[nn.Module], x: torch.Tensor, K: int, chunk: int
 ) -> list[_Features]:
     """The features of the layers with a trainable parameter: the flat per-sample gradients of
-    every Conv2d in one :class:`_FlatFeatures` (first, when there is a conv layer), then the
-    factors A and G of each Linear, from one backward per output column per chunk.
+    every Conv2d and Embedding in one :class:`_FlatFeatures` (first, when there is one), then
+    the factors A and G of each Linear, from one backward per output column per chunk.
 
     Rows are independent, so the gradient of Σ_i f_k(x_i) with respect to a layer's outputs
     holds, in row i, the gradient of f_k(x_i) alone: K backward passes per chunk of rows give
@@ -406,17 +408,17 @@ def _layer_features(
     # Every conv and embedding layer's flat gradients side by side in one matrix: their blocks
     # sum to one product Φ Φᵀ, one large multiplication and one pass over each tile instead of
     # one per layer (a first conv layer's few columns multiply far below BLAS's peak alone).
-    convs = [m for m in trainable if not isinstance(m, nn.Linear)]
-    flat = torch.empty((n * K, sum(map(_flat_width, convs))), dtype=dtype, device=x.device)
-    offset = 0
-    for m in convs:
-        grads[id(m)] = flat[:, offset : offset + _flat_width(m)]
-        offset += _flat_width(m)
+    flat_layers = [m for m in trainable if not isinstance(m, nn.Linear)]
+    widths = [_flat_width(m) for m in flat_layers]
+    flat = torch.empty((n * K, sum(widths)), dtype=dtype, device=x.device)
+    offsets = itertools.accumulate(widths, initial=0)
+    for m, offset, width in zip(flat_layers, offsets, widths, strict=False):
+        grads[id(m)] = flat[:, offset : offset + width]
     for start in range(0, n, chunk):
         xc = x[start : start + chunk]
         rows = xc.shape[0]
         outputs: list[torch.Tensor] = []
-        conv_inputs: dict[int, torch.Tensor] = {}
+        flat_inputs: dict[int, torch.Tensor] = {}
         with torch.enable_grad():
             # Indices into an Embedding have no gradient: the graph starts at its output.
             h = xc.detach().requires_grad_(True) if xc.is_floating_point() else xc.detach()
@@ -427,7 +429,7 @@ def _layer_features(
                 if id(layer) in inputs:
                     inputs[id(layer)][start : start + rows] = h.detach()
                 elif not isinstance(layer, nn.Linear) and layer.weight.requires_grad:
-                    conv_inputs[id(layer)] = h.detach()
+                    flat_inputs[id(layer)] = h.detach()
                 h = _forward(layer, h)
                 if isinstance(layer, nn.Embedding):
                     h.requires_grad_(True)
@@ -446,10 +448,10 @@ def _layer_features(
             if isinstance(layer, nn.Linear):
                 target.copy_(g.reshape(rows * K, -1))
             elif isinstance(layer, nn.Embedding):
-                _embedding_gradients(layer, conv_inputs[id(layer)], g, target)
+                _embedding_gradients(layer, flat_inputs[id(layer)], g, target)
             else:
-                _conv_gradients(layer, conv_inputs.get(id(layer)), g, target)
-    # The conv block first: written from its float32 product by a copy, where adding it to a
+                _conv_gradients(layer, flat_inputs.get(id(layer)), g, target)
+    # The flat block first: written from its float32 product by a copy, where adding it to a
     # tile would read and write the tile once more.
     linear: list[_Features] = [
         _LinearFeatures(
@@ -460,7 +462,7 @@ def _layer_features(
         for m in trainable
         if isinstance(m, nn.Linear)
     ]
-    return ([_FlatFeatures(flat)] if convs else []) + linear
+    return ([_FlatFeatures(flat)] if flat_layers else []) + linear
 
 
 @dataclasses.dataclass(frozen=True)

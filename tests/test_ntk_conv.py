@@ -15,9 +15,10 @@ from remlstop.ntk import _dispatch, empirical_ntk, ntk_trace
 
 def jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """J (N × P, M1 row order) by torch.func.jacrev on a float64 copy of the model, over its
-    trainable parameters: independent of the library's backends."""
+    trainable parameters: independent of the library's backends. Integer inputs (indices into
+    an embedding) are passed as they are."""
     model = copy.deepcopy(model).double().eval()
-    x = x.double()
+    x = x.double() if x.is_floating_point() else x
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
 
     def f(theta: dict[str, torch.Tensor]) -> torch.Tensor:

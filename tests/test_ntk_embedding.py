@@ -10,23 +10,7 @@ import torch
 from torch import nn
 
 from remlstop.ntk import _dispatch, empirical_ntk, ntk_trace
-
-
-def jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """J (N × P, M1 row order) by torch.func.jacrev on a float64 copy of the model, over its
-    trainable parameters; ``x`` holds integer indices and is passed as it is."""
-    model = copy.deepcopy(model).double().eval()
-    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-
-    def f(theta: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.func.functional_call(model, theta, (x,)).reshape(-1)
-
-    jac = torch.func.jacrev(f)(params)
-    return torch.cat([j.reshape(j.shape[0], -1) for j in jac.values()], dim=1)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+from tests.test_ntk_conv import jacobian, rel_err
 
 
 def frozen_embedding(model: nn.Sequential) -> nn.Sequential:
