@@ -66,3 +66,54 @@ def test_the_decision_on_each_device_is_the_cpu_decision(device, kernel):
     assert dev.target_steps == pytest.approx(cpu.target_steps, rel=1e-6)
     for name, fit in cpu.criteria.fits.items():
         assert dev.criteria.fits[name].t == pytest.approx(fit.t, rel=1e-6), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_lightning_callback_on_each_device_stops_where_it_does_on_the_cpu(device):
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from remlstop.lightning import REMLEarlyStopping
+
+    class Regressor(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = paper_mlp(width=32, seed=0).double()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            return nn.functional.mse_loss(self(xb), yb)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x, y = _data(200)
+    loader = DataLoader(TensorDataset(x.double(), y.double()), batch_size=200, shuffle=False)
+    runs = []
+    for where in ("cpu", device):
+        callback = REMLEarlyStopping(loss="mse")
+        module = Regressor()
+        trainer = pl.Trainer(
+            accelerator="gpu" if where == "cuda" else "cpu",
+            devices=1,
+            max_epochs=5000,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, loader)
+        assert next(module.parameters()).device.type == where
+        runs.append((callback, module))
+    (cpu, cpu_module), (dev, dev_module) = runs
+    assert cpu.decision.train and dev.decision.train
+    assert dev.decision.target_steps == pytest.approx(cpu.decision.target_steps, rel=1e-6)
+    assert cpu.stopped_step is not None and dev.stopped_step == cpu.stopped_step
+    for p, q in zip(cpu_module.parameters(), dev_module.parameters(), strict=True):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-9, atol=1e-12)
