@@ -10,12 +10,12 @@ null draws at statistics whose true p is about 1e-2, 1e-3 and 1e-4.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import git_commit
 
 from remlstop import KernelSpectrum, empirical_ntk, variance_component_test
 from remlstop.datasets import paper_mlp
@@ -70,9 +70,7 @@ def main() -> None:
                 satterthwaite(lam.sum(), lam @ lam, 0.5 * m * r),
             )
         )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     lines = [
         "# Variance-component test: calibration",
         "",

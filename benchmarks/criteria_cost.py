@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 
 from remlstop import REMLStopper, evaluate_criteria, reml_fit
 from remlstop.datasets import paper_mlp, paper_simple_function
@@ -69,9 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [measure(int(n), args.repeats) for n in args.sizes.split(",")]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     lines = [
         "# Cost of the criteria in the decision",
         "",

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg.lapack as lapack
 import torch
+from provenance import git_commit
 
 from remlstop.datasets import paper_mlp
 from remlstop.linalg import (
@@ -80,9 +80,7 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((n, med))
         print(n, {k: round(v, 3) for k, v in med.items()}, flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     lines = [
         "# Dense eigh after torch work: thread settings",
         "",

@@ -34,12 +34,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 from nystrom_error_sources import RESULTS, dense_case, stop_times
+from provenance import git_commit
 from scipy.linalg import lapack, solve_triangular
-from stopping_report import git_commit
 
 from remlstop.nystrom import choose_landmarks, nystrom_from_rows
 
@@ -86,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     tic = time.time()
-    commit = git_commit(Path(__file__).resolve().parent.parent)
+    commit = git_commit()
     rows = []
     names: list[str] = []
     for n in ints(args.n):

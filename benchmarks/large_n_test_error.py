@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from stopping_report import git_commit
+from provenance import git_commit
 
 from remlstop import REMLStopper
 from remlstop.datasets import paper_mlp, paper_simple_function
@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     tic = time.time()
-    commit = git_commit(Path(__file__).resolve().parent.parent)
+    commit = git_commit()
     lines: list[str] = []
     summary: dict[str, list[float]] = {}
     criteria: list[str] = []

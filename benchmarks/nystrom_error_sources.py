@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from stopping_report import git_commit
+from provenance import git_commit
 
 from remlstop.criteria import evaluate_criteria
 from remlstop.datasets import paper_mlp, paper_simple_function
@@ -127,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     tic = time.time()
-    commit = git_commit(Path(__file__).resolve().parent.parent)
+    commit = git_commit()
     n = args.n
     H, u0, lam, V, dense = dense_case(n)
     del V

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from provenance import git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 _CHILD = r"""
@@ -71,9 +73,7 @@ def main() -> None:
         for n in args.sizes.split(",")
         for what in ("start", "kernel+spectrum")
     ]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     lines = [
         "# Peak memory of the decision",
         "",

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import git_commit
 from torch import nn
 
 from remlstop import KernelSpectrum, empirical_ntk
@@ -112,9 +112,7 @@ def main() -> None:
         for m in (int(v) for v in args.landmarks.split(",")):
             spec = nystrom_kernel(model, x, landmarks=m, seed=seed).spectrum(u0)
             rows.append(("nystrom", m, seed, evaluate_criteria(spec)))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     lines = [
         "# A JL sketch of the per-sample gradients against Nystrom (METHOD M10)",
         "",

@@ -52,11 +52,11 @@ import numpy as np
 import torch
 from cases import CASES, NETS, Split, build_net, load_case, mse
 from holdout import train_holdout
+from provenance import git_commit
 from stopping_report import (
     CRITERIA,
     FIELDS,
     TEST_FIELDS,
-    git_commit,
     load_curves,
     plot_curves,
     save_curves,
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
             wall = prior_wall + time.perf_counter() - start
             meta = {
                 "command": command,
-                "commit": git_commit(ROOT),
+                "commit": git_commit(),
                 "threads": args.threads,
                 "jobs": args.jobs,
                 "wall_s": wall,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,16 +93,6 @@ VARIANT_COLOURS = (
 
 Cell = tuple[str, str]  # (case, net)
 Stats = dict[tuple[str, Cell], dict[str, float]]  # (rule, cell) -> statistics of the ratio
-
-
-def git_commit(root: Path) -> str:
-    """Short hash of HEAD (the working tree may hold other engineers' uncommitted edits)."""
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _r(x: float) -> str:

@@ -1,0 +1,24 @@
+"""Where a benchmark's numbers came from: the commit every results file names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """Short hash of HEAD (the working tree may hold other engineers' uncommitted edits).
+
+    A copy without .git (a lent GPU machine's) is told its commit in ``REMLSTOP_COMMIT`` by
+    ``benchmarks/gpu_check.sh``; with neither, "unknown".
+    """
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return commit or os.environ.get("REMLSTOP_COMMIT", "unknown")
