@@ -10,6 +10,10 @@ and the paper's simple function, lr 0.01, one output:
 * scale: for each n in ``--scale-n``, one Nystrom decision with the default landmarks in a
   fresh subprocess: wall-clock seconds and the process's peak resident memory.
 
+``--device cuda`` puts the model and the rows on the GPU (the rows drawn on the CPU, so the same
+data), reports the card's peak allocated memory (``torch.cuda.max_memory_allocated``) beside
+the process's, and writes its results with the suffix ``_cuda``, beside the CPU ones.
+
 Usage (from the repository root)::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/large_n.py \
@@ -18,7 +22,8 @@ Usage (from the repository root)::
 
 Writes ``benchmarks/results/large_n_accuracy.md`` and ``large_n_scale.md`` (each part that
 ran) and appends every decision to ``large_n.csv`` (commit, n, path, landmarks, seed, seconds,
-peak GB, p-value, stop steps by criterion).
+peak GB, p-value, stop steps by criterion); with ``--device cuda``, ``large_n_scale_cuda.md`` and
+so on.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from provenance import git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 _CHILD = r"""
@@ -43,8 +51,10 @@ from remlstop.datasets import paper_mlp, paper_simple_function
 
 warnings.simplefilter("ignore")
 n, kernel, landmarks, seed = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+device = torch.device(sys.argv[5])
 x, y, _, _ = paper_simple_function(n=n + 10, n_train=n, seed=0)
-model = paper_mlp(width=500, depth=2, seed=0)
+model = paper_mlp(width=500, depth=2, seed=0).to(device)
+x, y = x.to(device), y.to(device)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 options = dict(kernel=kernel, seed=seed)
 if landmarks != "default":
@@ -56,6 +66,9 @@ a = d.approximation
 print(json.dumps({
     "n": n, "kernel": kernel, "seed": seed, "seconds": seconds,
     "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    "device_peak_gb": (
+        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    ),
     "landmarks": None if a is None else a.landmarks,
     "resolved_trace": None if a is None else a.resolved_trace,
     "tail_energy": None if a is None else a.tail_energy,
@@ -71,9 +84,9 @@ print(json.dumps({
 """
 
 
-def run(n: int, kernel: str, landmarks: str, seed: int) -> dict:
+def run(n: int, kernel: str, landmarks: str, seed: int, device: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(n), kernel, landmarks, str(seed)],
+        [sys.executable, "-c", _CHILD, str(n), kernel, landmarks, str(seed), device],
         capture_output=True,
         text=True,
         check=True,
@@ -93,18 +106,26 @@ def main() -> None:
     parser.add_argument("--landmarks", default="500,1000,2000,4000")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--scale-n", default="10000,30000,100000")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
+    kind = torch.device(args.device).type
+    if kind != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine's torch sees no CUDA device")
+    suffix = "" if kind == "cpu" else f"_{kind}"
+    card = (
+        ""
+        if kind == "cpu"
+        else f", on {torch.cuda.get_device_name(args.device)} (CUDA {torch.version.cuda})"
+    )
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit()
     tic = time.time()
     rows: list[dict] = []
     accuracy: list[str] = []
     intervals: list[str] = []
     criteria: list[str] = []
     for n in ints(args.accuracy_n):
-        dense = run(n, "dense", "default", 0)
+        dense = run(n, "dense", "default", 0, args.device)
         rows.append(dense)
         criteria = list(dense["steps"])
         intervals.append(
@@ -120,7 +141,7 @@ def main() -> None:
             if m >= n:
                 continue
             for seed in ints(args.seeds):
-                r = run(n, "nystrom", str(m), seed)
+                r = run(n, "nystrom", str(m), seed, args.device)
                 rows.append(r)
                 errs = [rel(r["steps"][c], dense["steps"][c]) for c in criteria]
                 p_ratio = r["pvalue"] / dense["pvalue"] if dense["pvalue"] > 0 else math.nan
@@ -133,18 +154,20 @@ def main() -> None:
                 )
     scale: list[str] = []
     for n in ints(args.scale_n):
-        r = run(n, "nystrom", "default", 0)
+        r = run(n, "nystrom", "default", 0, args.device)
         rows.append(r)
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["parts"].items())
+        on_card = "" if r["device_peak_gb"] is None else f"{r['device_peak_gb']:.2f} | "
         scale.append(
-            f"| {n:,} | {r['landmarks']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | "
+            f"| {n:,} | {r['landmarks']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {on_card}"
             f"{r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | {parts} |"
         )
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     header = (
         f"`OMP_NUM_THREADS={threads} python benchmarks/large_n.py --accuracy-n {args.accuracy_n} "
-        f"--landmarks {args.landmarks} --seeds {args.seeds} --scale-n {args.scale_n}` at commit "
-        f"{commit}, {os.cpu_count()} CPUs, {(time.time() - tic) / 60:.1f} min, load average "
+        f"--landmarks {args.landmarks} --seeds {args.seeds} --scale-n {args.scale_n} "
+        f"--device {args.device}` at commit {commit}{card}, {os.cpu_count()} CPUs, "
+        f"{(time.time() - tic) / 60:.1f} min, load average "
         f"{os.getloadavg()[0]:.1f} at the end. The paper's MLP (width 500, depth 2) on the "
         "paper's simple function, one output, SGD lr 0.01; every number comes from "
         "`REMLStopper(kernel=..., landmarks=m, seed=s).start()`."
@@ -177,10 +200,13 @@ def main() -> None:
             "",
             header,
             "",
-            "Peak: the process's peak resident memory (model, data and all).",
+            "Peak: the process's peak resident memory (model, data and all)"
+            + ("." if kind == "cpu" else "; on the card: its peak allocated memory."),
             "",
-            "| n | m | seconds | peak GB | resolved tr H | tail ‖u0‖² | parts (s) |",
-            "|---|---|---|---|---|---|---|",
+            "| n | m | seconds | peak GB | "
+            + ("" if kind == "cpu" else "card peak GB | ")
+            + "resolved tr H | tail ‖u0‖² | parts (s) |",
+            "|---|---|---|---|---|---|---|" + ("" if kind == "cpu" else "---|"),
             *scale,
         ],
     }
@@ -188,9 +214,9 @@ def main() -> None:
     for name, lines in parts.items():
         if (name == "accuracy" and not accuracy) or (name == "scale" and not scale):
             continue
-        (RESULTS / f"large_n_{name}.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / f"large_n_{name}{suffix}.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
-    table = RESULTS / "large_n.csv"
+    table = RESULTS / f"large_n{suffix}.csv"
     new_table = not table.exists()
     with open(table, "a", newline="") as fh:
         writer = csv.writer(fh)

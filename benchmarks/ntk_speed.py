@@ -6,6 +6,12 @@ costs of torch.func), reads its resident set size (VmRSS), runs the method once,
 wall time and ``ru_maxrss - VmRSS_before``, the extra memory the call needed at its peak (the
 kernel included). Each configuration is repeated ``--repeats`` times; the table gives medians.
 
+With ``--device cuda`` the model, the rows and the kernel live on the GPU and the measurements
+run in this one process (a CUDA context takes seconds to start, and the card's allocator counts
+its own peak): the time between two ``torch.cuda.synchronize()``, and the peak as
+``torch.cuda.max_memory_allocated() - memory_allocated()`` before the call. Results go to
+``ntk_speed_cuda.md`` and ``.csv``, beside the CPU ones, with the card's name.
+
 The baseline is the naive recipe of the authors' reference: ``vmap(jacrev)`` over all rows at
 once, giving the full per-sample Jacobian dict, then one ``einsum`` per parameter summed, in
 float32. It is skipped where its estimated peak (3.5 × the float32 Jacobian + 0.3 GB, fitted to
@@ -20,9 +26,10 @@ plus its Gram products: with one output and a cheap Gram (lenet), generic / step
 speed-up over the generic path that a path built from autograd's kernels can reach.
 
 Usage: ``OMP_NUM_THREADS=2 python benchmarks/ntk_speed.py [--quick] [--repeats 3]
-[--models cnn,lenet,lenet10]``; writes ``benchmarks/results/ntk_speed.md`` and ``.csv``. With
-``--models`` only those models are measured and the committed rows of the others are kept, each
-row with the command and commit that measured it (the full run takes about 15 minutes).
+[--models cnn,lenet,lenet10] [--device cuda]``; writes ``benchmarks/results/ntk_speed.md`` and
+``.csv``. With ``--models`` only those models are measured and the committed rows of the others
+are kept, each row with the command and commit that measured it (the full run takes about 15
+minutes).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -116,11 +124,24 @@ def _rss_kb() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def worker(model_name: str, method: str, n: int) -> dict[str, float]:
+def worker(model_name: str, method: str, n: int, device: str = "cpu") -> dict[str, float]:
     torch.manual_seed(0)
     model, shape = build_model(model_name)
-    x = torch.randn(n, *shape)
+    x = torch.randn(n, *shape)  # drawn on the CPU: the same rows on every device
+    model, x = model.to(device), x.to(device)
     run_method(method, model, x[:8])
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        allocated = torch.cuda.memory_allocated(x.device)
+        start = time.perf_counter()
+        run_method(method, model, x)
+        torch.cuda.synchronize(x.device)
+        seconds = time.perf_counter() - start
+        return {
+            "seconds": seconds,
+            "peak_bytes": float(torch.cuda.max_memory_allocated(x.device) - allocated),
+        }
     before = _rss_kb()
     start = time.perf_counter()
     run_method(method, model, x)
@@ -129,9 +150,14 @@ def worker(model_name: str, method: str, n: int) -> dict[str, float]:
     return {"seconds": seconds, "peak_bytes": (peak - before) * 1024.0}
 
 
-def measure(model_name: str, method: str, n: int, repeats: int) -> dict[str, float]:
+def measure(
+    model_name: str, method: str, n: int, repeats: int, device: str = "cpu"
+) -> dict[str, float]:
     runs = []
     for _ in range(repeats):
+        if device != "cpu":
+            runs.append(worker(model_name, method, n, device))
+            continue
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", model_name, method, str(n)],
             capture_output=True,
@@ -190,17 +216,26 @@ FIELDS = ["model", "n", "P", "K"] + [
 """Columns of the CSV, then the provenance of each row: ``run`` (its command and commit)."""
 
 
-def git_commit() -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+def result_paths(device: str) -> tuple[Path, Path]:
+    """The CSV and Markdown results of ``device``'s type (the CPU's have no suffix)."""
+    kind = torch.device(device).type
+    stem = "ntk_speed" if kind == "cpu" else f"ntk_speed_{kind}"
+    return RESULTS / f"{stem}.csv", RESULTS / f"{stem}.md"
 
 
-def previous_rows(models: list[str]) -> tuple[list[dict[str, object]], list[str]]:
+def machine(device: str) -> str:
+    """The machine the measurements ran on, the card's name included."""
+    cpus = f"{os.cpu_count()} CPUs, torch {torch.__version__}"
+    if device == "cpu":
+        return cpus
+    return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), {cpus}"
+
+
+def previous_rows(models: list[str], device: str) -> tuple[list[dict[str, object]], list[str]]:
     """The rows of the committed results for the models not measured now, with their run
     (command and commit; a file written before runs were recorded: its first line and the
     commit that last wrote it), and its large-n line when mlp500 is not measured now."""
-    csv_path, md_path = RESULTS / "ntk_speed.csv", RESULTS / "ntk_speed.md"
+    csv_path, md_path = result_paths(device)
     if not csv_path.exists() or not md_path.exists():
         return [], []
     lines = md_path.read_text().splitlines()
@@ -237,6 +272,11 @@ def main() -> None:
         "others are kept, each with the command and commit that measured it",
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model, the rows and the kernel live (cpu, cuda, cuda:1, ...)",
+    )
+    parser.add_argument(
         "--worker", nargs=3, metavar=("MODEL", "METHOD", "N"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -248,6 +288,8 @@ def main() -> None:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine's torch sees no CUDA device")
 
     command = (
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '<unset>')} "
@@ -267,7 +309,7 @@ def main() -> None:
             if method == "baseline" and not baseline_fits(model_name, n):
                 result[f"{method}_seconds"] = result[f"{method}_peak_bytes"] = None
                 continue
-            m = measure(model_name, method, n, args.repeats)
+            m = measure(model_name, method, n, args.repeats, args.device)
             result[f"{method}_seconds"], result[f"{method}_peak_bytes"] = (
                 m["seconds"],
                 m["peak_bytes"],
@@ -276,7 +318,7 @@ def main() -> None:
         rows.append(result)
     large_lines: list[str] = []
     if not args.quick and args.large_n and "mlp500" in models:
-        large = measure("mlp500", "layerwise", args.large_n, 1)
+        large = measure("mlp500", "layerwise", args.large_n, 1, args.device)
         print("large", args.large_n, large, flush=True)
         large_lines = [
             f"Fast path at n = {args.large_n} (mlp500, one run): {large['seconds']:.1f} s, "
@@ -285,7 +327,7 @@ def main() -> None:
         ]
     load_end = os.getloadavg()[0]
     if not args.quick and set(models) != set(MODELS):
-        kept, kept_large = previous_rows(models)
+        kept, kept_large = previous_rows(models, args.device)
         order = {name: i for i, name in enumerate(MODELS)}
         rows = sorted(kept + rows, key=lambda r: (order[str(r["model"])], int(r["n"])))
         large_lines = large_lines or kept_large
@@ -294,7 +336,8 @@ def main() -> None:
 
 def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "ntk_speed.csv", "w", newline="") as fh:
+    csv_path, md_path = result_paths(args.device)
+    with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*FIELDS, "run"])
         writer.writeheader()
         for r in rows:
@@ -306,8 +349,9 @@ def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
         "",
         "# Empirical NTK: speed and peak memory",
         "",
-        f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.repeats} repeats "
-        f"(median), one fresh subprocess per measurement. Load average (1 min) at start "
+        f"Machine: {machine(args.device)}, {args.repeats} repeats (median), "
+        f"{'one fresh subprocess per measurement' if args.device == 'cpu' else 'in one process'}"
+        ". Load average (1 min) at start "
         f"{load_start:.1f}, at end {load_end:.1f}: the machine was shared with other jobs, so "
         "absolute times are noisy; the ratios compare methods measured in the same run.",
         "",
@@ -317,8 +361,14 @@ def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
         "",
         *[f"{i + 1}. {r}" for i, r in enumerate(runs)],
         "",
-        "Peak memory = peak RSS of the measuring process (`ru_maxrss`) minus its RSS just before "
-        "the call (after building the model and inputs and a warm-up on 8 rows): the extra "
+        (
+            "Peak memory = peak RSS of the measuring process (`ru_maxrss`) minus its RSS just "
+            "before the call"
+            if args.device == "cpu"
+            else "Peak memory = the card's peak allocated memory "
+            "(`torch.cuda.max_memory_allocated`) minus what was allocated just before the call"
+        )
+        + " (after building the model and inputs and a warm-up on 8 rows): the extra "
         "memory the call needs, the kernel included. Baseline = `vmap(jacrev)` over all rows + "
         '`einsum` per parameter, float32; "—" = skipped (estimated peak above 12 GB). Fast = '
         "layerwise path; both library paths return float64. The models are float32: the "
@@ -367,7 +417,7 @@ def write_results(rows, large_lines, args, run, load_start, load_end) -> None:
     ]
     if large_lines:
         lines += ["", *large_lines]
-    (RESULTS / "ntk_speed.md").write_text("\n".join(lines) + "\n")
+    md_path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
