@@ -78,7 +78,12 @@ print(json.dumps({
     "landmarks": None if a is None else a.landmarks,
     "resolved_trace": None if a is None else a.resolved_trace,
     "tail_energy": None if a is None else a.tail_energy,
-    "pvalue": d.test.pvalue, "train": d.train,
+    "pvalue": d.test.pvalue, "train": d.train, "criterion": d.criterion,
+    "check_landmarks": None if a is None else a.check_landmarks,
+    "check_shift": None if a is None else {
+        k: a.check_shift(k, f.t) for k, f in d.criteria.fits.items()
+    },
+    "settled": d.landmarks_converged,
     "steps": {k: f.steps(d.dt_per_step) for k, f in d.criteria.fits.items()},
     "intervals": {
         k: [v / d.dt_per_step for v in f.interval]
@@ -98,6 +103,26 @@ def run(n: int, kernel: str, landmarks: str, seed: int, device: str) -> dict:
         check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_cell(r: dict) -> str:
+    """The decision's landmark check for its criterion: the stop's shift with half of the
+    landmarks, and whether the decision called it settled."""
+    if not r["check_landmarks"]:
+        return "— | —"
+    settled = {True: "yes", False: "NO", None: "—"}[r["settled"]]
+    return f"{r['check_shift'][r['criterion']]:+.1%} | {settled}"
+
+
+def p_value_ratio(p: float, reference: float) -> float | str:
+    """p over the reference's p; "both 0" where both underflowed."""
+    if reference > 0:
+        return p / reference
+    return "both 0" if p == 0 else math.inf
+
+
+def fmt_ratio(ratio: float | str) -> str:
+    return ratio if isinstance(ratio, str) else f"{ratio:.3g}"
 
 
 def rel(a: float, b: float) -> float:
@@ -152,13 +177,13 @@ def main() -> None:
                 r = run(n, "nystrom", str(m), seed, args.device)
                 rows.append(r)
                 errs = [rel(r["steps"][c], dense["steps"][c]) for c in criteria]
-                p_ratio = r["pvalue"] / dense["pvalue"] if dense["pvalue"] > 0 else math.nan
+                p_ratio = p_value_ratio(r["pvalue"], dense["pvalue"])
                 accuracy.append(
                     f"| {n} | {m} | {seed} | "
                     + " | ".join(f"{e:+.1%}" for e in errs)
                     + f" | {'same' if r['train'] == dense['train'] else 'DIFFERENT'} | "
-                    f"{p_ratio:.3g} | {r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | "
-                    f"{r['seconds']:.1f} | {dense['seconds']:.1f} |"
+                    f"{fmt_ratio(p_ratio)} | {r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | "
+                    f"{check_cell(r)} | {r['seconds']:.1f} | {dense['seconds']:.1f} |"
                 )
     scale: list[str] = []
     for n in ints(args.scale_n):
@@ -168,7 +193,7 @@ def main() -> None:
         on_card = "" if r["device_peak_gb"] is None else f"{r['device_peak_gb']:.2f} | "
         scale.append(
             f"| {n:,} | {r['landmarks']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {on_card}"
-            f"{r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | {parts} |"
+            f"{r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | {check_cell(r)} | {parts} |"
         )
     convergence: list[str] = []
     for n in ints(args.convergence_n):
@@ -182,18 +207,18 @@ def main() -> None:
         criteria = list(reference["steps"])
         for r in runs:
             errs = [rel(r["steps"][c], reference["steps"][c]) for c in criteria]
-            p_ratio = r["pvalue"] / reference["pvalue"] if reference["pvalue"] > 0 else math.nan
+            p_ratio = p_value_ratio(r["pvalue"], reference["pvalue"])
             convergence.append(
                 f"| {n:,} | {r['landmarks']} | {r['seed']} | "
                 + " | ".join(f"{e:+.1%}" for e in errs)
                 + f" | {'same' if r['train'] == reference['train'] else 'DIFFERENT'} | "
-                f"{p_ratio:.3g} | {r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | "
-                f"{r['seconds']:.1f} | {r['peak_gb']:.2f} |"
+                f"{fmt_ratio(p_ratio)} | {r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | "
+                f"{check_cell(r)} | {r['seconds']:.1f} | {r['peak_gb']:.2f} |"
             )
         convergence.append(
             f"| {n:,} | {reference['landmarks']} | {reference['seed']} | "
             + " | ".join(f"{reference['steps'][c]:,.0f} steps" for c in criteria)
-            + " | (the reference's stop steps) | | | | | |"
+            + " | (the reference's stop steps) | | | | | | | |"
         )
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     header = (
@@ -207,6 +232,12 @@ def main() -> None:
         "paper's simple function, one output, SGD lr 0.01; every number comes from "
         "`REMLStopper(kernel=..., landmarks=m, seed=s).start()`."
     )
+    check_note = (
+        "Check: the decision's own landmark check (`Decision.landmark_check()`), the stop of "
+        "its criterion (reml-linear) with half of the landmarks relative to its stop with all "
+        "of them, and whether it called the stop settled (inside the criterion's 95% interval, "
+        "the same test decision)."
+    )
     parts = {
         "accuracy": [
             "# The large-N (Nystrom) spectrum against the dense one",
@@ -216,11 +247,11 @@ def main() -> None:
             "Relative error of each criterion's stop step (Nystrom / dense − 1), whether the "
             "test decides the same, the ratio of the p-values, the share of tr H the resolved "
             "eigenvalues hold, the share of ||u0||² left to the unresolved cluster, and the "
-            "seconds of both decisions.",
+            "seconds of both decisions. " + check_note,
             "",
             "| n | m | seed | " + " | ".join(criteria) + " | test | p ratio | resolved tr H | "
-            "tail ‖u0‖² | Nystrom s | dense s |",
-            "|" + "---|" * (len(criteria) + 9),
+            "tail ‖u0‖² | check: m/2 shift | settled | Nystrom s | dense s |",
+            "|" + "---|" * (len(criteria) + 11),
             *accuracy,
             "",
             "For scale: the dense fits' own 95% profile-likelihood intervals for the stop step, "
@@ -236,12 +267,14 @@ def main() -> None:
             header,
             "",
             "Peak: the process's peak resident memory (model, data and all)"
-            + ("." if kind == "cpu" else "; on the card: its peak allocated memory."),
+            + ("." if kind == "cpu" else "; on the card: its peak allocated memory.")
+            + " "
+            + check_note,
             "",
             "| n | m | seconds | peak GB | "
             + ("" if kind == "cpu" else "card peak GB | ")
-            + "resolved tr H | tail ‖u0‖² | parts (s) |",
-            "|---|---|---|---|---|---|---|" + ("" if kind == "cpu" else "---|"),
+            + "resolved tr H | tail ‖u0‖² | check: m/2 shift | settled | parts (s) |",
+            "|---|---|---|---|---|---|---|---|---|" + ("" if kind == "cpu" else "---|"),
             *scale,
         ],
         "convergence": [
@@ -256,11 +289,11 @@ def main() -> None:
             "unresolved cluster, seconds and the process's peak resident memory (GB). A stop "
             "that still moves between the two largest m has not converged; agreement between "
             "them is necessary for accuracy, not proof of it (on the dense checks the late "
-            "criteria came out late by a bias that shrinks with m).",
+            "criteria came out late by a bias that shrinks with m). " + check_note,
             "",
             "| n | m | seed | " + " | ".join(criteria) + " | test | p ratio | resolved tr H | "
-            "tail ‖u0‖² | seconds | peak GB |",
-            "|" + "---|" * (len(criteria) + 9),
+            "tail ‖u0‖² | check: m/2 shift | settled | seconds | peak GB |",
+            "|" + "---|" * (len(criteria) + 11),
             *convergence,
         ],
     }

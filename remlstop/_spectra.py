@@ -5,11 +5,13 @@ budget (``memory_budget_bytes``, default what the kernel's device has available 
 CPU, N is at most ``_DENSE_CPU_MAX_N``; the Nystrom spectrum otherwise (or when
 ``kernel='nystrom'`` asks for it). Both give the stopper the
 same things: the criteria's spectrum, the test's spectrum, H u0 for the trajectory rule and, for
-refreshes, the dense kernel itself.
+refreshes, the dense kernel itself. The Nystrom spectrum comes with its landmark check: the
+criteria and the test once more on the nested approximation from half of the landmarks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -18,10 +20,12 @@ import torch
 from torch import nn
 
 from ._model import device_dtype, trained_only
+from .criteria import evaluate_criteria
 from .ntk import _available_bytes, _memory_device, empirical_ntk, ntk_vector_product
-from .nystrom import nystrom_kernel
+from .nystrom import NystromKernel, choose_landmarks, nystrom_kernel
 from .options import StopperOptions
 from .spectrum import KernelSpectrum
+from .vctest import variance_component_test
 
 __all__ = ["InitialSpectra", "default_landmarks", "dense_peak_bytes", "initial_spectra", "plan"]
 
@@ -88,6 +92,36 @@ def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple
             "or fewer landmarks."
         )
     return "nystrom", m
+
+
+def _with_landmark_check(
+    spectrum: KernelSpectrum,
+    factor: NystromKernel,
+    u0: torch.Tensor,
+    covariates: np.ndarray | None,
+    HV: torch.Tensor,
+    seed: int,
+) -> KernelSpectrum:
+    """``spectrum`` with its approximation's check filled in (M10): every criterion's stop time
+    and the test's p-value from half of the landmarks (drawn among them with ``seed``), so the
+    decision can say how far its stop still moves with m."""
+    half = factor.landmarks // 2
+    if half < 3:
+        return spectrum
+    nested = factor.nested(choose_landmarks(factor.landmarks, seed, half))
+    check = nested.spectrum(u0)
+    test_check = check
+    if covariates is not None:
+        test_check = nested.spectrum(u0, covariates, kernel_times=HV[:, 1:].cpu().numpy())
+    assert spectrum.approximation is not None
+    return spectrum.with_approximation(
+        dataclasses.replace(
+            spectrum.approximation,
+            check_landmarks=half,
+            check_times={k: float(f.t) for k, f in evaluate_criteria(check).fits.items()},
+            check_pvalue=float(variance_component_test(test_check).pvalue),
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -161,6 +195,11 @@ def initial_spectra(
         if covariates is not None:
             test_spectrum = factor.spectrum(u0, covariates, kernel_times=HV[:, 1:].cpu().numpy())
         seconds["spectrum"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        spectrum = _with_landmark_check(spectrum, factor, u0, covariates, HV, options.seed)
+        if covariates is None:
+            test_spectrum = spectrum
+        seconds["check"] = time.perf_counter() - tic
     return InitialSpectra(
         spectrum=spectrum,
         test_spectrum=test_spectrum,

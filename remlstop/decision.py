@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .criteria import Criteria
@@ -54,6 +55,45 @@ class Decision:
         return float(self.criteria.fits[self.criterion].t)
 
     @property
+    def landmarks_converged(self) -> bool | None:
+        """Whether the Nystrom stop has settled in the landmarks (M10): the chosen criterion's
+        stop time with half of them lies inside its own interval (95%), and the test decides the
+        same there. None on the dense path, without a check, or for a criterion without an
+        interval ('gcv', 'average'; :attr:`landmark_check` still reports the shift)."""
+        a = self.approximation
+        if a is None or self.criterion not in a.check_times:
+            return None
+        lo, hi = getattr(self.criteria.fits[self.criterion], "interval", (math.nan, math.nan))
+        if math.isnan(lo) or math.isnan(hi):
+            return None
+        same_test = (a.check_pvalue < self.test.alpha) == (self.test.pvalue < self.test.alpha)
+        return same_test and lo <= a.check_times[self.criterion] <= hi
+
+    def landmark_check(self) -> str | None:
+        """The landmark check in words: the chosen criterion's stop and the test's p-value with
+        half of the landmarks against all of them (M10); None without one."""
+        a = self.approximation
+        if a is None or self.criterion not in a.check_times:
+            return None
+        fit = self.criteria.fits[self.criterion]
+        shift = a.check_shift(self.criterion, fit.t)
+        line = (
+            f"landmark check: with {a.check_landmarks} of the {a.landmarks} landmarks the "
+            f"{self.criterion} stop moves {shift:+.1%} (t = {a.check_times[self.criterion]:.4g} "
+            f"against {fit.t:.4g}) and p = {a.check_pvalue:.3g} (against {self.test.pvalue:.3g})"
+        )
+        converged = self.landmarks_converged
+        if converged is None:
+            return line
+        if converged:
+            return line + f"; inside its {fit.level:.0%} interval and the same test decision"
+        return (
+            line + f": outside its {fit.level:.0%} interval [{fit.interval[0]:.4g}, "
+            f"{fit.interval[1]:.4g}] or another test decision, so the stop has not settled in "
+            "the landmarks (fewer landmarks stop later, METHOD M10): raise landmarks="
+        )
+
+    @property
     def misfit(self) -> float:
         """Delta = l_linear - l_exp in nats (M9)."""
         return self.criteria.misfit
@@ -87,6 +127,7 @@ class Decision:
                     if self.approximation is None
                     else self.approximation.summary()
                 ),
+                *([f"  {check}"] if (check := self.landmark_check()) is not None else []),
             ]
         )
 

@@ -17,6 +17,13 @@ and the test then read an ordinary :class:`~remlstop.spectrum.KernelSpectrum` of
 eigenvalues. ``SpectrumApproximation`` records what was resolved, so a user can see how much of
 the kernel and of the residual the tail holds, and raise ``landmarks`` when it is large.
 
+Its error has a measurable sign: the approximation misses the middle of the spectrum, and the
+criteria that read it stop later the fewer the landmarks (benchmarks/large_n.py). Half of the
+landmarks already computed give a second, nested approximation (:meth:`NystromKernel.nested`)
+from the m K x m K blocks alone, no N-sized copy; the stopper compares the stop times of both
+(``SpectrumApproximation.check_times``), an estimate of the error in m that costs only one more
+fit of the criteria.
+
 A sketch of the per-sample gradients (a Johnson-Lindenstrauss map) was measured as the other
 candidate and lost clearly: benchmarks/sketch_vs_nystrom.py compares them at a size where the
 dense spectrum is still available.
@@ -43,6 +50,7 @@ __all__ = [
     "choose_landmarks",
     "nystrom_from_rows",
     "nystrom_kernel",
+    "relative_shift",
 ]
 
 # Landmarks whose pivot (the part of their kernel row the landmarks before them do not explain)
@@ -67,6 +75,11 @@ class SpectrumApproximation:
         tail_energy: the share of ||u0||^2 outside the resolved span, in [0, 1].
         seed: seeds the landmark draw.
         seconds: wall-clock seconds for the landmark rows and the eigen-decomposition.
+        check_landmarks: m', the landmarks of the nested check (half of m, drawn from them
+            with the same seed); 0 when no check ran.
+        check_times: each criterion's stop time (gradient-flow units, inf: no finite stop) on
+            the spectrum from those m' landmarks; empty when no check ran.
+        check_pvalue: the variance-component test's p-value on that spectrum (nan: no check).
     """
 
     method: str
@@ -79,6 +92,9 @@ class SpectrumApproximation:
     seed: int
     # A timing, not part of what was computed: equal approximations may differ in it.
     seconds: float = field(default=0.0, compare=False)
+    check_landmarks: int = 0
+    check_times: dict[str, float] = field(default_factory=dict)
+    check_pvalue: float = math.nan
 
     def summary(self) -> str:
         return (
@@ -87,6 +103,26 @@ class SpectrumApproximation:
             f"other {self.tail_count} directions as one cluster at lambda = "
             f"{self.tail_eigenvalue:.3g} holding {self.tail_energy:.1%} of ||u0||^2"
         )
+
+    def check_shift(self, criterion: str, t: float) -> float:
+        """The criterion's stop time with half the landmarks relative to ``t``, its stop time
+        with all of them: t' / t - 1 (0 when both are infinite, inf when only t' is, nan when
+        no check ran)."""
+        if criterion not in self.check_times:
+            return math.nan
+        return relative_shift(self.check_times[criterion], t)
+
+
+def relative_shift(t_check: float, t: float) -> float:
+    """t_check / t - 1 for stop times in [0, inf]: 0 when equal (both inf included), inf when
+    only t_check is infinite or t is 0, -1 when only t is infinite."""
+    if t_check == t:
+        return 0.0
+    if math.isinf(t):
+        return -1.0
+    if math.isinf(t_check) or t == 0:
+        return math.inf
+    return t_check / t - 1.0
 
 
 def choose_landmarks(n: int, seed: int, landmarks: int) -> np.ndarray:
@@ -134,35 +170,92 @@ def _mixing(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return p, inverse, M
 
 
+def _factor(W: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """M (mK, r0) and the Gram M^T G M (r0, r0) from W = H[S, S] and G = C C^T (both
+    symmetric, mK x mK; W is overwritten)."""
+    # Symmetric, so the transposes are the column-major arrays LAPACK and BLAS work on in place.
+    p, inverse, M = _mixing(W.T)
+    Gp = G[np.ix_(p, p)].T
+    with blas_threads():
+        # M^T (C C^T) M = L^{-1} G[p, p] L^{-T}, by two triangular products.
+        gram = blas.dtrmm(1.0, inverse, Gp, lower=1, overwrite_b=1)
+        gram = blas.dtrmm(1.0, inverse, gram, side=1, lower=1, trans_a=1, overwrite_b=1)
+    return M, gram
+
+
 @dataclass(frozen=True)
 class NystromKernel:
     """H approximated from its landmark rows (METHOD M10): H_S = B B^T, B = C^T M.
 
     Attributes:
-        rows: C = H[S, :], (mK, N) float64, the landmark rows of the kernel.
+        rows: the computed landmark rows of the kernel, (m0 K, N) float64; C = H[S, :] is
+            ``rows[active]`` (all of them unless this is a :meth:`nested` approximation).
         landmark_rows: S as row indices of the kernel (mK,), ascending, row-major (i*K + k).
         mixing: M = P L^{-T} (mK, r0) from the pivoted Cholesky factorisation
             P^T W P = L L^T of W = H[S, S] (zero on the rows of landmarks it drops).
         gram: M^T C C^T M, (r0, r0): B^T B.
+        row_gram: C C^T, (mK, mK).
         trace: tr H, exact.
         landmarks: m, the landmark *training rows*; seed: their draw; seconds: time spent.
         kernel_path: the NTK backend that computed the rows ('layerwise' or 'generic').
+        active: which of ``rows`` are C, (mK,) ascending; None: all.
     """
 
     rows: np.ndarray
     landmark_rows: np.ndarray
     mixing: np.ndarray
     gram: np.ndarray
+    row_gram: np.ndarray
     trace: float
     landmarks: int
     seed: int
     seconds: float = 0.0
     kernel_path: str = ""
+    active: np.ndarray | None = None
 
     @property
     def n_obs(self) -> int:
         """N = n K, the residuals."""
         return int(self.rows.shape[1])
+
+    def _times(self, v: np.ndarray) -> np.ndarray:
+        """C v for v of N rows; the product with all of ``rows`` costs no more than with the
+        active ones gathered, and needs no copy of them."""
+        out = self.rows @ v
+        return out if self.active is None else out[self.active]
+
+    def nested(self, keep: np.ndarray) -> NystromKernel:
+        """The Nystrom approximation from the landmarks ``keep`` alone (positions among this
+        one's m landmark training rows), from its own blocks: W and C C^T restricted to them,
+        no N-sized copy, O((m' K)^3) flops (module docstring)."""
+        tic = time.perf_counter()
+        keep = np.asarray(keep)
+        if keep.ndim != 1 or keep.size < 3 or np.unique(keep).size != keep.size:
+            raise ValueError(f"keep must be at least 3 distinct landmark positions, got {keep}.")
+        if keep.min() < 0 or keep.max() >= self.landmarks:
+            raise ValueError(
+                f"keep must index this approximation's {self.landmarks} landmarks, got "
+                f"positions {keep.min()} ... {keep.max()}."
+            )
+        K = self.landmark_rows.size // self.landmarks
+        pos = (np.sort(keep)[:, None] * K + np.arange(K)[None, :]).reshape(-1)
+        active = pos if self.active is None else self.active[pos]
+        S = self.landmark_rows[pos]
+        W = self.rows[np.ix_(active, S)]
+        W += W.T
+        W *= 0.5
+        G = self.row_gram[np.ix_(pos, pos)]
+        M, gram = _factor(W, G)
+        return dataclasses.replace(
+            self,
+            landmark_rows=S,
+            mixing=M,
+            gram=gram,
+            row_gram=G,
+            landmarks=int(keep.size),
+            seconds=time.perf_counter() - tic,
+            active=active,
+        )
 
     def spectrum(
         self,
@@ -198,13 +291,13 @@ class NystromKernel:
                     f"covariates need kernel_times = H Q of shape {Q.shape} (Q from "
                     "covariate_basis) for the compressed kernel's trace."
                 )
-            QB = (self.rows @ Q).T @ M  # Q^T B, (q, r0)
+            QB = self._times(Q).T @ M  # Q^T B, (q, r0)
             S = S - QB.T @ QB
             u = u - Q @ (Q.T @ u)
             trace -= float(np.einsum("ij,ij->", Q, np.asarray(kernel_times, dtype=np.float64)))
         sym = S + S.T
         sym *= 0.5
-        s2, w = spectral_projection(sym, M.T @ (self.rows @ u), overwrite=True)
+        s2, w = spectral_projection(sym, M.T @ self._times(u), overwrite=True)
         del sym
         keep = s2 > _RANK_TOL * max(float(s2[-1]), 1e-300)
         s2 = s2[keep]
@@ -258,7 +351,7 @@ def nystrom_from_rows(
 
     Pure linear algebra on the rows: W = C[:, S], M = P L^{-T} from its pivoted Cholesky
     factorisation stopped at pivots below ``_RANK_TOL`` of W's largest diagonal entry
-    (:func:`_mixing`), and the r0 x r0 Gram M^T C C^T M.
+    (:func:`_mixing`), C C^T, and the r0 x r0 Gram M^T C C^T M.
     """
     tic = time.perf_counter()
     C = np.ascontiguousarray(
@@ -283,21 +376,15 @@ def nystrom_from_rows(
             "the kernel is zero on the landmark rows: the model's outputs do not depend on its "
             "trainable parameters there."
         )
-    # Symmetric, so the transposes are the column-major arrays LAPACK and BLAS work on in place.
-    p, inverse, M = _mixing(W.T)
-    del W
     G = _gram_rows(C)
-    Gp = G[np.ix_(p, p)].T
-    del G
-    with blas_threads():
-        # M^T (C C^T) M = L^{-1} G[p, p] L^{-T}, by two triangular products.
-        gram = blas.dtrmm(1.0, inverse, Gp, lower=1, overwrite_b=1)
-        gram = blas.dtrmm(1.0, inverse, gram, side=1, lower=1, trans_a=1, overwrite_b=1)
+    M, gram = _factor(W, G)
+    del W
     return NystromKernel(
         rows=C,
         landmark_rows=S,
         mixing=M,
         gram=gram,
+        row_gram=G,
         trace=float(trace),
         landmarks=int(landmarks if landmarks is not None else S.size),
         seed=int(seed),

@@ -211,6 +211,14 @@ class REMLStopper:
             seconds=seconds,
         )
         logger.info("%s", self.decision.summary())
+        if self.decision.landmarks_converged is False:
+            warnings.warn(
+                f"the Nystrom decision has not settled in the landmarks: "
+                f"{self.decision.landmark_check()} (now {spectrum.approximation.landmarks}; "
+                "memory: landmarks x K x N x 8 bytes).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not test.train:
             if o.on_insignificant == "stop":
                 self._stop(

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from remlstop import KernelSpectrum, REMLStopper
-from remlstop.criteria import evaluate_criteria
+from remlstop.criteria import CRITERIA, evaluate_criteria
 from remlstop.datasets import paper_mlp, paper_simple_function
 from remlstop.ntk import empirical_ntk, ntk_trace
-from remlstop.nystrom import choose_landmarks, nystrom_from_rows, nystrom_kernel
+from remlstop.nystrom import choose_landmarks, nystrom_from_rows, nystrom_kernel, relative_shift
 from remlstop.options import StopperOptions
 from remlstop.vctest import variance_component_test
 
@@ -79,6 +79,108 @@ def test_covariates_compress_the_nystrom_kernel_as_the_dense_path_does():
     )
     with pytest.raises(ValueError, match="kernel_times"):
         factor.spectrum(u0, Z)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_a_nested_approximation_is_the_one_its_landmarks_would_build_alone(K):
+    rng = np.random.default_rng(4)
+    n = 90
+    H = random_psd(n * K, n * K, rng)
+    H = (H + H.T) / 2
+    u0 = rng.standard_normal(n * K)
+    Z = np.column_stack([np.ones(n * K), rng.standard_normal(n * K)])
+
+    def kernel_rows(train_rows):
+        return (train_rows[:, None] * K + np.arange(K)[None, :]).reshape(-1)
+
+    chosen = choose_landmarks(n, seed=0, landmarks=30)
+    trace = float(np.trace(H))
+    factor = nystrom_from_rows(H[kernel_rows(chosen)], kernel_rows(chosen), trace, landmarks=30)
+    keep = choose_landmarks(30, seed=1, landmarks=14)
+    keep2 = choose_landmarks(14, seed=2, landmarks=6)
+    for nested, train_rows in (
+        (factor.nested(keep), chosen[keep]),
+        (factor.nested(keep).nested(keep2), chosen[keep][keep2]),
+    ):
+        S = kernel_rows(train_rows)
+        alone = nystrom_from_rows(H[S], S, trace, landmarks=train_rows.size)
+        assert nested.landmarks == train_rows.size
+        np.testing.assert_array_equal(nested.landmark_rows, S)
+        Q = alone.covariate_basis(Z)
+        for a, b in (
+            (nested.spectrum(u0), alone.spectrum(u0)),
+            (
+                nested.spectrum(u0, Z, kernel_times=H @ Q),
+                alone.spectrum(u0, Z, kernel_times=H @ Q),
+            ),
+        ):
+            np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-15)
+            np.testing.assert_allclose(np.abs(a.z), np.abs(b.z), rtol=1e-7, atol=1e-12)
+            assert a.approximation.rank == b.approximation.rank
+            assert a.approximation.tail_energy == pytest.approx(b.approximation.tail_energy)
+    with pytest.raises(ValueError, match="at least 3 distinct"):
+        factor.nested(np.array([0, 1]))
+    with pytest.raises(ValueError, match="index this approximation's 30 landmarks"):
+        factor.nested(np.array([0, 1, 30]))
+
+
+def test_relative_shift_names_the_infinite_cases():
+    assert relative_shift(12.0, 10.0) == pytest.approx(0.2)
+    assert relative_shift(math.inf, math.inf) == 0.0
+    assert relative_shift(math.inf, 10.0) == math.inf
+    assert relative_shift(10.0, math.inf) == -1.0
+    assert relative_shift(1.0, 0.0) == math.inf
+
+
+def test_the_decision_reports_the_stop_with_half_of_the_landmarks():
+    stopper, model = _stopper(kernel="nystrom", landmarks=200, test_covariates="f0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decision = stopper.start()
+    a = decision.approximation
+    assert a.check_landmarks == 100
+    assert set(a.check_times) == set(CRITERIA)
+    # The same numbers from the library's parts, put together by hand.
+    x, y = stopper.data
+    with torch.no_grad():
+        f0 = model(x)
+    u0 = (y - f0).double().reshape(-1).numpy()
+    nested = nystrom_kernel(model, x, landmarks=200, seed=0).nested(
+        choose_landmarks(200, seed=0, landmarks=100)
+    )
+    fits = evaluate_criteria(nested.spectrum(u0)).fits
+    # The float32 kernel rows are summed in another order here: 1e-7 apart, measured.
+    for name in CRITERIA:
+        assert a.check_times[name] == pytest.approx(fits[name].t, rel=1e-5), name
+    assert math.isfinite(a.check_pvalue) and 0 <= a.check_pvalue < 1
+    line = decision.landmark_check()
+    assert line is not None and "with 100 of the 200 landmarks the reml-linear stop moves" in line
+    assert line in str(decision)
+    dense, _ = _stopper(kernel="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = dense.start()
+    assert exact.landmark_check() is None and exact.landmarks_converged is None
+
+
+def test_a_stop_that_moves_beyond_its_interval_with_half_of_the_landmarks_is_warned_of():
+    # Seeded: at n = 800 the paper's REML from 10 landmarks stops at 0.33 x its stop from 5,
+    # outside its own 95% interval; from 30 landmarks the two agree to 7%, inside it.
+    stopper, _ = _stopper(n=800, kernel="nystrom", landmarks=10, criterion="reml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decision = stopper.start()
+    assert any(
+        w.category is RuntimeWarning and "has not settled in the landmarks" in str(w.message)
+        for w in caught
+    )
+    assert decision.landmarks_converged is False
+    assert "outside its 95% interval" in decision.landmark_check()
+    settled, _ = _stopper(n=800, kernel="nystrom", landmarks=30, criterion="reml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("error", message=".*has not settled")
+        assert settled.start().landmarks_converged is True
 
 
 def test_landmark_rows_are_the_dense_kernels_rows_and_the_trace_is_exact():
