@@ -55,11 +55,15 @@ class Decision:
         return float(self.criteria.fits[self.criterion].t)
 
     @property
-    def landmarks_converged(self) -> bool | None:
-        """Whether the Nystrom stop has settled in the landmarks (M10): the chosen criterion's
-        stop time with half of them lies inside its own interval (95%), and the test decides the
-        same there. None on the dense path, without a check, or for a criterion without an
-        interval ('gcv', 'average'; :attr:`landmark_check` still reports the shift)."""
+    def landmark_check_passed(self) -> bool | None:
+        """Whether the Nystrom decision passed its landmark check (M10): the chosen criterion's
+        stop time with half of the landmarks lies inside its own interval (95%), and the test
+        decides the same there. None on the dense path, without a check, or for a criterion
+        without an interval ('gcv', 'average'; :attr:`landmark_check` still reports the shift).
+
+        A failed check shows the stop still moving with m. A passed one is necessary for an
+        accurate stop, not sufficient: with few landmarks the unresolved cluster sets both
+        stops, and both can be equally late (benchmarks/results/large_n_accuracy.md)."""
         a = self.approximation
         if a is None or self.criterion not in a.check_times:
             return None
@@ -82,10 +86,10 @@ class Decision:
             f"{self.criterion} stop moves {shift:+.1%} (t = {a.check_times[self.criterion]:.4g} "
             f"against {fit.t:.4g}) and p = {a.check_pvalue:.3g} (against {self.test.pvalue:.3g})"
         )
-        converged = self.landmarks_converged
-        if converged is None:
+        passed = self.landmark_check_passed
+        if passed is None:
             return line
-        if converged:
+        if passed:
             return line + f"; inside its {fit.level:.0%} interval and the same test decision"
         return (
             line + f": outside its {fit.level:.0%} interval [{fit.interval[0]:.4g}, "

@@ -21,8 +21,10 @@ Its error has a measurable sign: the approximation misses the middle of the spec
 criteria that read it stop later the fewer the landmarks (benchmarks/large_n.py). Half of the
 landmarks already computed give a second, nested approximation (:meth:`NystromKernel.nested`)
 from the m K x m K blocks alone, no N-sized copy; the stopper compares the stop times of both
-(``SpectrumApproximation.check_times``), an estimate of the error in m that costs only one more
-fit of the criteria.
+(``SpectrumApproximation.check_times``) for one more fit of the criteria. Where the landmarks
+resolve the top of the spectrum the shift is of the size of the error against the dense stop;
+with very few the unresolved cluster sets both stops and the check cannot see their common
+error (benchmarks/results/large_n_accuracy.md).
 
 A sketch of the per-sample gradients (a Johnson-Lindenstrauss map) was measured as the other
 candidate and lost clearly: benchmarks/sketch_vs_nystrom.py compares them at a size where the

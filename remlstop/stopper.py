@@ -211,7 +211,7 @@ class REMLStopper:
             seconds=seconds,
         )
         logger.info("%s", self.decision.summary())
-        if self.decision.landmarks_converged is False:
+        if self.decision.landmark_check_passed is False:
             warnings.warn(
                 f"the Nystrom decision has not settled in the landmarks: "
                 f"{self.decision.landmark_check()} (now {spectrum.approximation.landmarks}; "

@@ -160,7 +160,7 @@ def test_the_decision_reports_the_stop_with_half_of_the_landmarks():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exact = dense.start()
-    assert exact.landmark_check() is None and exact.landmarks_converged is None
+    assert exact.landmark_check() is None and exact.landmark_check_passed is None
 
 
 def test_a_stop_that_moves_beyond_its_interval_with_half_of_the_landmarks_is_warned_of():
@@ -174,13 +174,13 @@ def test_a_stop_that_moves_beyond_its_interval_with_half_of_the_landmarks_is_war
         w.category is RuntimeWarning and "has not settled in the landmarks" in str(w.message)
         for w in caught
     )
-    assert decision.landmarks_converged is False
+    assert decision.landmark_check_passed is False
     assert "outside its 95% interval" in decision.landmark_check()
-    settled, _ = _stopper(n=800, kernel="nystrom", landmarks=30, criterion="reml")
+    passing, _ = _stopper(n=800, kernel="nystrom", landmarks=30, criterion="reml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.filterwarnings("error", message=".*has not settled")
-        assert settled.start().landmarks_converged is True
+        assert passing.start().landmark_check_passed is True
 
 
 def test_landmark_rows_are_the_dense_kernels_rows_and_the_trace_is_exact():
