@@ -183,6 +183,36 @@ def test_a_stop_that_moves_beyond_its_interval_with_half_of_the_landmarks_is_war
         assert passing.start().landmark_check_passed is True
 
 
+def test_the_landmark_check_runs_with_several_outputs_and_covariates_and_not_below_3():
+    torch.manual_seed(0)
+    x = torch.randn(120, 4)
+    y = torch.column_stack([x[:, 0].sin(), x[:, 1] * x[:, 2], x[:, 3]]) + 0.1 * torch.randn(120, 3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decision = REMLStopper(
+            model,
+            x,
+            y,
+            optimizer=opt,
+            kernel="nystrom",
+            landmarks=30,
+            test_covariates="intercept",
+        ).start()
+        few = REMLStopper(model, x, y, optimizer=opt, kernel="nystrom", landmarks=5).start()
+    a = decision.approximation
+    assert a.check_landmarks == 15 and set(a.check_times) == set(CRITERIA)
+    assert all(t >= 0 for t in a.check_times.values()) and 0 <= a.check_pvalue <= 1
+    assert decision.test.n_fixed == 3
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    # Half of 5 landmarks is too few for a factorisation: no check, said as such.
+    assert few.approximation.check_landmarks == 0 and few.approximation.check_times == {}
+    assert few.landmark_check() is None and few.landmark_check_passed is None
+    assert math.isnan(few.approximation.check_shift("reml", 1.0))
+
+
 def test_landmark_rows_are_the_dense_kernels_rows_and_the_trace_is_exact():
     x, _, _, _ = paper_simple_function(n=130, n_train=120, seed=0)
     model = paper_mlp(width=32, seed=0).double()
