@@ -45,7 +45,9 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import git_commit
+from provenance import card, git_commit
+
+from remlstop.nystrom import relative_shift
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -125,10 +127,17 @@ def fmt_ratio(ratio: float | str) -> str:
     return ratio if isinstance(ratio, str) else f"{ratio:.3g}"
 
 
-def rel(a: float, b: float) -> float:
-    if math.isinf(a) and math.isinf(b):
-        return 0.0
-    return a / b - 1.0
+def comparison_cells(r: dict, reference: dict, criteria: list[str]) -> str:
+    """The cells comparing a Nystrom decision with a reference decision: each criterion's stop
+    step relative to the reference's, the test, the p-value ratio, the resolved shares and the
+    landmark check."""
+    errs = [relative_shift(r["steps"][c], reference["steps"][c]) for c in criteria]
+    return (
+        " | ".join(f"{e:+.1%}" for e in errs)
+        + f" | {'same' if r['train'] == reference['train'] else 'DIFFERENT'} | "
+        f"{fmt_ratio(p_value_ratio(r['pvalue'], reference['pvalue']))} | "
+        f"{r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | {check_cell(r)}"
+    )
 
 
 def main() -> None:
@@ -142,14 +151,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
     kind = torch.device(args.device).type
-    if kind != "cpu" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this machine's torch sees no CUDA device")
+    try:
+        name = card(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     suffix = "" if kind == "cpu" else f"_{kind}"
-    card = (
-        ""
-        if kind == "cpu"
-        else f", on {torch.cuda.get_device_name(args.device)} (CUDA {torch.version.cuda})"
-    )
+    on = "" if name is None else f", on {name}"
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     commit = git_commit()
     tic = time.time()
@@ -161,13 +168,14 @@ def main() -> None:
         dense = run(n, "dense", "default", 0, args.device)
         rows.append(dense)
         criteria = list(dense["steps"])
+        ends = {
+            c: [relative_shift(end, dense["steps"][c]) for end in ends]
+            for c, ends in dense["intervals"].items()
+            if c in ("reml", "reml-linear")
+        }
         intervals.append(
             f"| {n} | "
-            + " | ".join(
-                f"{c} ({rel(lo, dense['steps'][c]):+.0%}, {rel(hi, dense['steps'][c]):+.0%})"
-                for c, (lo, hi) in dense["intervals"].items()
-                if c in ("reml", "reml-linear")
-            )
+            + " | ".join(f"{c} ({lo:+.0%}, {hi:+.0%})" for c, (lo, hi) in ends.items())
             + " |"
         )
         for m in ints(args.landmarks):
@@ -176,14 +184,9 @@ def main() -> None:
             for seed in ints(args.seeds):
                 r = run(n, "nystrom", str(m), seed, args.device)
                 rows.append(r)
-                errs = [rel(r["steps"][c], dense["steps"][c]) for c in criteria]
-                p_ratio = p_value_ratio(r["pvalue"], dense["pvalue"])
                 accuracy.append(
-                    f"| {n} | {m} | {seed} | "
-                    + " | ".join(f"{e:+.1%}" for e in errs)
-                    + f" | {'same' if r['train'] == dense['train'] else 'DIFFERENT'} | "
-                    f"{fmt_ratio(p_ratio)} | {r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | "
-                    f"{check_cell(r)} | {r['seconds']:.1f} | {dense['seconds']:.1f} |"
+                    f"| {n} | {m} | {seed} | {comparison_cells(r, dense, criteria)} | "
+                    f"{r['seconds']:.1f} | {dense['seconds']:.1f} |"
                 )
     scale: list[str] = []
     for n in ints(args.scale_n):
@@ -206,14 +209,10 @@ def main() -> None:
         reference = runs[0]
         criteria = list(reference["steps"])
         for r in runs:
-            errs = [rel(r["steps"][c], reference["steps"][c]) for c in criteria]
-            p_ratio = p_value_ratio(r["pvalue"], reference["pvalue"])
             convergence.append(
                 f"| {n:,} | {r['landmarks']} | {r['seed']} | "
-                + " | ".join(f"{e:+.1%}" for e in errs)
-                + f" | {'same' if r['train'] == reference['train'] else 'DIFFERENT'} | "
-                f"{fmt_ratio(p_ratio)} | {r['resolved_trace']:.1%} | {r['tail_energy']:.1%} | "
-                f"{check_cell(r)} | {r['seconds']:.1f} | {r['peak_gb']:.2f} |"
+                f"{comparison_cells(r, reference, criteria)} | {r['seconds']:.1f} | "
+                f"{r['peak_gb']:.2f} |"
             )
         convergence.append(
             f"| {n:,} | {reference['landmarks']} | {reference['seed']} | "
@@ -225,7 +224,7 @@ def main() -> None:
         f"`OMP_NUM_THREADS={threads} python benchmarks/large_n.py --accuracy-n {args.accuracy_n} "
         f"--landmarks {args.landmarks} --seeds {args.seeds} --scale-n {args.scale_n} "
         f"--convergence-n {args.convergence_n} --convergence-landmarks "
-        f"{args.convergence_landmarks} --device {args.device}` at commit {commit}{card}, "
+        f"{args.convergence_landmarks} --device {args.device}` at commit {commit}{on}, "
         f"{os.cpu_count()} CPUs, "
         f"{(time.time() - tic) / 60:.1f} min, load average "
         f"{os.getloadavg()[0]:.1f} at the end. The paper's MLP (width 500, depth 2) on the "

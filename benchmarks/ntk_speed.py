@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import git_commit
+from provenance import card, git_commit
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -226,9 +226,8 @@ def result_paths(device: str) -> tuple[Path, Path]:
 def machine(device: str) -> str:
     """The machine the measurements ran on, the card's name included."""
     cpus = f"{os.cpu_count()} CPUs, torch {torch.__version__}"
-    if device == "cpu":
-        return cpus
-    return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), {cpus}"
+    name = card(device)
+    return cpus if name is None else f"{name}, {cpus}"
 
 
 def previous_rows(models: list[str], device: str) -> tuple[list[dict[str, object]], list[str]]:
@@ -288,8 +287,10 @@ def main() -> None:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
-    if args.device != "cpu" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this machine's torch sees no CUDA device")
+    try:
+        card(args.device)
+    except ValueError as error:
+        parser.error(str(error))
 
     command = (
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '<unset>')} "

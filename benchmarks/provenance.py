@@ -1,10 +1,12 @@
-"""Where a benchmark's numbers came from: the commit every results file names."""
+"""Where a benchmark's numbers came from: the commit every results file names, and the card."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,3 +24,14 @@ def git_commit(root: Path = ROOT) -> str:
     except OSError:
         commit = ""
     return commit or os.environ.get("REMLSTOP_COMMIT", "unknown")
+
+
+def card(device: str) -> str | None:
+    """The GPU's name and CUDA version for a CUDA ``device``, None for the CPU.
+
+    Raises ValueError when ``device`` is not the CPU and this torch sees no CUDA device."""
+    if torch.device(device).type == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine's torch sees no CUDA device")
+    return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"

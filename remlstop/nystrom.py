@@ -173,8 +173,10 @@ def _mixing(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _factor(W: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """M (mK, r0) and the Gram M^T G M (r0, r0) from W = H[S, S] and G = C C^T (both
-    symmetric, mK x mK; W is overwritten)."""
+    """M (mK, r0) and the Gram M^T G M (r0, r0) from W = H[S, S] (symmetrised here, in place)
+    and the symmetric G = C C^T, both mK x mK."""
+    W += W.T
+    W *= 0.5
     # Symmetric, so the transposes are the column-major arrays LAPACK and BLAS work on in place.
     p, inverse, M = _mixing(W.T)
     Gp = G[np.ix_(p, p)].T
@@ -243,11 +245,8 @@ class NystromKernel:
         pos = (np.sort(keep)[:, None] * K + np.arange(K)[None, :]).reshape(-1)
         active = pos if self.active is None else self.active[pos]
         S = self.landmark_rows[pos]
-        W = self.rows[np.ix_(active, S)]
-        W += W.T
-        W *= 0.5
         G = self.row_gram[np.ix_(pos, pos)]
-        M, gram = _factor(W, G)
+        M, gram = _factor(self.rows[np.ix_(active, S)], G)
         return dataclasses.replace(
             self,
             landmark_rows=S,
@@ -371,8 +370,6 @@ def nystrom_from_rows(
             "the landmark rows of the kernel contain NaN or inf; check the model's outputs."
         )
     W = C[:, S]
-    W += W.T
-    W *= 0.5
     if not np.max(np.diag(W)) > 0:
         raise ValueError(
             "the kernel is zero on the landmark rows: the model's outputs do not depend on its "

@@ -71,41 +71,21 @@ def test_the_decision_on_each_device_is_the_cpu_decision(device, kernel):
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_lightning_callback_on_each_device_stops_where_it_does_on_the_cpu(device):
     pl = pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("pytorch_lightning")  # test_lightning's helpers import it
     from torch.utils.data import DataLoader, TensorDataset
 
     from remlstop.lightning import REMLEarlyStopping
 
-    class Regressor(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = paper_mlp(width=32, seed=0).double()
+    from .test_lightning import _module_class, _trainer
 
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            xb, yb = batch
-            return nn.functional.mse_loss(self(xb), yb)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
+    Regressor = _module_class(pl)
     x, y = _data(200)
     loader = DataLoader(TensorDataset(x.double(), y.double()), batch_size=200, shuffle=False)
     runs = []
     for where in ("cpu", device):
-        callback = REMLEarlyStopping(loss="mse")
-        module = Regressor()
-        trainer = pl.Trainer(
-            accelerator="gpu" if where == "cuda" else "cpu",
-            devices=1,
-            max_epochs=5000,
-            callbacks=[callback],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        callback = REMLEarlyStopping(loss="half_mse")
+        module = Regressor().double()
+        trainer = _trainer([callback], pkg=pl, accelerator="gpu" if where == "cuda" else "cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(module, loader)

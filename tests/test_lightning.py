@@ -124,9 +124,9 @@ Regressor = _module_class(pl)
 
 def _trainer(callbacks, pkg=pl, **kw):
     kw.setdefault("max_epochs", 5000)
+    kw.setdefault("accelerator", "cpu")
     return pkg.Trainer(
         callbacks=callbacks,
-        accelerator="cpu",
         devices=1,
         enable_progress_bar=False,
         logger=False,
