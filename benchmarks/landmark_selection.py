@@ -103,7 +103,7 @@ def main() -> None:
                 for T in ints(args.rounds):
                     draws[f"rpcholesky ({T} rounds)"] = rpcholesky(H, m, T, seed)
                 for variant, S in draws.items():
-                    spectrum = nystrom_from_rows(H[S, :], S, trace, seed=seed).spectrum(u0)
+                    spectrum = nystrom_from_rows(H[S, :], S, trace, u0, seed=seed).spectrum()
                     t = stop_times(spectrum)
                     errs = {c: t[c] / dense[c] - 1 for c in names}
                     tail = spectrum.approximation.tail_energy

@@ -8,7 +8,7 @@ rest spread evenly over the cluster). This benchmark swaps one of them at a time
 counterpart and reports each criterion's stop time relative to the dense one, so a change to the
 large-N path can aim at the part that matters:
 
-* ``nystrom``: the library's spectrum (``nystrom_from_rows(H[S, :]).spectrum(u0)``);
+* ``nystrom``: the library's spectrum (``nystrom_from_rows(H[S, :], S, tr H, u0).spectrum()``);
 * ``nystrom + exact tail``: the resolved Nystrom pairs, and for the rest the exact eigenpairs of
   the kernel compressed to the orthogonal complement of the resolved span, with u0's exact
   projections there (the best any tail model on top of these resolved pairs could do);
@@ -141,8 +141,8 @@ def main() -> None:
     for m in ints(args.landmarks):
         for seed in ints(args.seeds):
             S = choose_landmarks(n, seed, m)
-            factor = nystrom_from_rows(H[S, :], S, float(np.trace(H)), seed=seed)
-            nys = factor.spectrum(u0)
+            factor = nystrom_from_rows(H[S, :], S, float(np.trace(H)), u0, seed=seed)
+            nys = factor.spectrum()
             rows.append((m, seed, "nystrom", stop_times(nys)))
             top, nys_top = lam[::-1], nys.eigenvalues[::-1]
             ranks.append(
@@ -151,7 +151,7 @@ def main() -> None:
                 + " |"
             )
             resolved = nys.approximation.rank
-            tail_lam, tail_z = exact_tail(H, u0, factor.rows.T @ factor.mixing)
+            tail_lam, tail_z = exact_tail(H, u0, H[S, :].T @ factor.mixing)
             with_tail = KernelSpectrum.from_eigen(
                 np.concatenate([tail_lam, nys.eigenvalues[-resolved:]]),
                 np.concatenate([tail_z, nys.z[-resolved:]]),

@@ -110,7 +110,7 @@ def main() -> None:
             spec = sketch_spectrum(factors, u0.numpy(), trace, d, seed)
             rows.append(("sketch", d, seed, evaluate_criteria(spec)))
         for m in (int(v) for v in args.landmarks.split(",")):
-            spec = nystrom_kernel(model, x, landmarks=m, seed=seed).spectrum(u0)
+            spec = nystrom_kernel(model, x, u0, landmarks=m, seed=seed).spectrum()
             rows.append(("nystrom", m, seed, evaluate_criteria(spec)))
     commit = git_commit()
     lines = [

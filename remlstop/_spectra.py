@@ -12,6 +12,7 @@ criteria and the test once more on the nested approximation from half of the lan
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -35,16 +36,20 @@ _DENSE_PEAK = 2.0
 # Above this N a CPU's dense decision takes too long to be a default: 258 s at N = 10,000 on
 # two cores (benchmarks/large_n.py), growing as N^3 (about 35 min at 20,000, 2 h at 30,000).
 _DENSE_CPU_MAX_N = 20_000
-# Landmark columns (m K) by default: as many as keep the landmark rows C (m K x N float64)
-# within _LANDMARK_BYTES, clamped to [_MIN_LANDMARK_COLUMNS, _MAX_LANDMARK_COLUMNS]. At
-# N = 20,000 every criterion's stop was within 1.2% of the dense one with 8,000 columns and
-# 2.2-3.1% off with 4,000 (benchmarks/large_n.py); the cost grows as (m K)^3 + N (m K)^2, and
-# the cap on C brings the count down to 4,096 at N = 10^5 (about two minutes on two cores).
+# Landmark columns (m K) by default: 8,192 while the decision's N (m K)^2 flops (C C^T, and
+# about as many for the rows themselves) stay within what they cost at N = 10^5, the scale the
+# issue set (265 s on two cores, benchmarks/large_n.py); fewer beyond, as 1 / sqrt(N), down to
+# 4,096 (from N = 4 x 10^5). At N = 20,000 every criterion's stop was within 1.2% of the dense
+# one with 8,000 columns and 2.2-3.1% off with 4,000; at N = 10^5, 4,096 stopped the late
+# criteria 4-7% later than 8,192.
 _MIN_LANDMARK_COLUMNS = 4096
 _MAX_LANDMARK_COLUMNS = 8192
-_LANDMARK_BYTES = 3 * 2**30
-# The landmark rows C (m K x N float64) may take this share of the budget: the kernel
-# backends' working memory and the model's own take the rest.
+_LANDMARK_FLOPS = 100_000 * _MAX_LANDMARK_COLUMNS**2
+# The Nystrom decision's peak over 8 (m K)^2 bytes: W, C C^T, the mixing M, the Gram and the
+# factorisation's and eigendecomposition's work (C is streamed): the whole process peaked at
+# 4.47 GB, 8.3 of them, at m K = 8,192, N = 10^5 (benchmarks/large_n.py). They may take this
+# share of the budget, the kernel backends' working memory and the model's own the rest.
+_NYSTROM_PEAK = 8.0
 _LANDMARK_SHARE = 0.5
 # Rows per forward/backward pass of the exact kernel-vector products on the Nystrom path.
 _PRODUCT_ROWS = 4096
@@ -57,18 +62,21 @@ def dense_peak_bytes(n_obs: int) -> int:
 
 def default_landmarks(n: int, K: int, budget: int | None) -> int:
     """Landmark rows m for n training rows of K outputs: m K columns as many as keep the
-    landmark rows within ``_LANDMARK_BYTES`` (8,192 up to N = n K of about 49,000, down to
-    4,096 at N = 98,000 and beyond), at most half the rows (the rest is what the approximation
-    is for) and at most what fits ``_LANDMARK_SHARE`` of ``budget`` bytes."""
+    decision's N (m K)^2 flops within ``_LANDMARK_FLOPS`` (8,192 up to N = n K = 10^5, then
+    falling as 1 / sqrt(N) to 4,096 from N = 4 x 10^5), at most half the rows (the rest is
+    what the approximation is for) and at most what fits ``_LANDMARK_SHARE`` of ``budget``
+    bytes at ``_NYSTROM_PEAK`` x 8 (m K)^2."""
     N = n * K
-    columns = min(_MAX_LANDMARK_COLUMNS, max(_MIN_LANDMARK_COLUMNS, _LANDMARK_BYTES // (8 * N)))
+    affordable = math.isqrt(_LANDMARK_FLOPS // N)
+    columns = min(_MAX_LANDMARK_COLUMNS, max(_MIN_LANDMARK_COLUMNS, affordable))
     m = min(max(3, columns // K), n // 2)
     if budget is not None:
-        m = min(m, int(_LANDMARK_SHARE * budget) // (8 * K * N))
+        fits = math.isqrt(int(_LANDMARK_SHARE * budget / (8 * _NYSTROM_PEAK)))
+        m = min(m, fits // K)
     if m < 3:
         raise MemoryError(
-            f"not even 3 landmark rows of the kernel (N = {N}) fit the memory budget of "
-            f"{budget / 2**30:.3g} GB; raise memory_budget_bytes or pass max_samples=."
+            f"not even 3 landmark rows of the kernel (N = {N}, K = {K}) fit the memory budget "
+            f"of {budget / 2**30:.3g} GB; raise memory_budget_bytes or pass max_samples=."
         )
     return m
 
@@ -97,8 +105,6 @@ def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple
 def _with_landmark_check(
     spectrum: KernelSpectrum,
     factor: NystromKernel,
-    u0: torch.Tensor,
-    covariates: np.ndarray | None,
     HV: torch.Tensor,
     seed: int,
 ) -> KernelSpectrum:
@@ -109,10 +115,10 @@ def _with_landmark_check(
     if half < 3:
         return spectrum
     nested = factor.nested(choose_landmarks(factor.landmarks, seed, half))
-    check = nested.spectrum(u0)
+    check = nested.spectrum()
     test_check = check
-    if covariates is not None:
-        test_check = nested.spectrum(u0, covariates, kernel_times=HV[:, 1:].cpu().numpy())
+    if factor.covariate_basis is not None:
+        test_check = nested.spectrum(kernel_times=HV[:, 1:].cpu().numpy())
     assert spectrum.approximation is not None
     return spectrum.with_approximation(
         dataclasses.replace(
@@ -178,25 +184,30 @@ def initial_spectra(
             )
         assert m is not None
         factor = nystrom_kernel(
-            model, X, landmarks=m, seed=options.seed, chunk_size=options.chunk_size
+            model,
+            X,
+            u0,
+            landmarks=m,
+            covariates=covariates,
+            seed=options.seed,
+            chunk_size=options.chunk_size,
         )
         seconds["kernel"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        spectrum = factor.spectrum(u0)
+        spectrum = factor.spectrum()
         test_spectrum = spectrum
         # H u0 exactly (one vjp and one jvp over the rows), for the trajectory rule's D.
         chunk = options.chunk_size or _PRODUCT_ROWS
         products = [u0.to(torch.float64)]
-        if covariates is not None:
-            Q = factor.covariate_basis(covariates)
-            products.append(torch.from_numpy(Q).to(u0.device))
+        if factor.covariate_basis is not None:
+            products.append(torch.from_numpy(factor.covariate_basis).to(u0.device))
         V = torch.column_stack(products)
         HV = ntk_vector_product(model, X, V, chunk_size=chunk).to(torch.float64)
         if covariates is not None:
-            test_spectrum = factor.spectrum(u0, covariates, kernel_times=HV[:, 1:].cpu().numpy())
+            test_spectrum = factor.spectrum(kernel_times=HV[:, 1:].cpu().numpy())
         seconds["spectrum"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        spectrum = _with_landmark_check(spectrum, factor, u0, covariates, HV, options.seed)
+        spectrum = _with_landmark_check(spectrum, factor, HV, options.seed)
         if covariates is None:
             test_spectrum = spectrum
         seconds["check"] = time.perf_counter() - tic

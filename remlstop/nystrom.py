@@ -7,7 +7,10 @@ approximation of a kernel matrix, never above H (H - H_S is positive semi-defini
 the span of the landmarks' kernel columns. Everything is formed from C and m x m matrices: the
 r nonzero eigenvalues of H_S are those of M^T (C C^T) M with M M^T = W^{-1} on the landmarks a
 pivoted Cholesky factorisation of W keeps (M = P L^{-T}), and z = V^T (B^T u0) / s with
-B = C^T M, so no N x r matrix is made (cost: C, then C C^T in O(N m^2), then O(m^3)).
+B = C^T M, so no N x r matrix is made (cost: C, then C C^T in O(N m^2), then O(m^3)). C itself
+is not kept either: it is computed in blocks of columns, each folded into C C^T, C u0, C Q
+(covariates) and W = H[S, S] and dropped, so the memory is a few m K x m K matrices, not
+m K x N, and the landmarks are limited by time, not by N.
 
 The unresolved part H - H_S has trace tr H - sum(lambda), with tr H exact from per-row gradient
 norms. It enters the spectrum as one cluster: its dim - r directions share that trace equally,
@@ -36,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +47,7 @@ import torch
 from scipy.linalg import blas, lapack
 from torch import nn
 
+from ._model import device_dtype, differentiable_evaluation
 from .linalg import blas_threads, eigh_threads, mirror_upper, spectral_projection
 from .spectrum import KernelSpectrum, _orthonormal_basis, as_float64_vector, expand_covariates
 
@@ -60,6 +65,9 @@ __all__ = [
 # below this fraction of its largest: directions not determined to float64 accuracy (W^{-1}
 # would amplify their round-off).
 _RANK_TOL = 1e-10
+# One block of the streamed landmark rows C (m K x b K float64) takes at most this, unless a
+# block of m rows (the smallest :func:`nystrom_kernel` makes) is larger.
+_BLOCK_BYTES = 2**29
 
 
 @dataclass(frozen=True)
@@ -139,15 +147,6 @@ def choose_landmarks(n: int, seed: int, landmarks: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=landmarks, replace=False))
 
 
-def _gram_rows(C: np.ndarray) -> np.ndarray:
-    """C C^T (mK x mK) by one symmetric rank-N update (BLAS syrk on the column-major C^T),
-    mirrored in column blocks so that no second mK x mK matrix is made."""
-    with blas_threads():
-        G = blas.dsyrk(1.0, C.T, trans=1, lower=1)
-    mirror_upper(G.T)
-    return G
-
-
 def _mixing(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pivots p (r,), L^{-1} (r, r) lower triangular and M (mK, r) with M M^T = W[p, p]^{-1}
     on the rows p, from the pivoted Cholesky factorisation P^T W P = L L^T (LAPACK dpstrf),
@@ -173,10 +172,8 @@ def _mixing(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _factor(W: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """M (mK, r0) and the Gram M^T G M (r0, r0) from W = H[S, S] (symmetrised here, in place)
-    and the symmetric G = C C^T, both mK x mK."""
-    W += W.T
-    W *= 0.5
+    """M (mK, r0) and the Gram M^T G M (r0, r0) from the symmetric W = H[S, S] (consumed: the
+    factorisation overwrites it) and G = C C^T, both mK x mK."""
     # Symmetric, so the transposes are the column-major arrays LAPACK and BLAS work on in place.
     p, inverse, M = _mixing(W.T)
     Gp = G[np.ix_(p, p)].T
@@ -189,49 +186,49 @@ def _factor(W: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class NystromKernel:
-    """H approximated from its landmark rows (METHOD M10): H_S = B B^T, B = C^T M.
+    """H approximated from its landmark rows C = H[S, :] (METHOD M10), H_S = B B^T with
+    B = C^T M, for one residual u0 (and covariates Q): held as m K x m K blocks and C's
+    products with u0 and Q, so no N-sized matrix is kept (C itself is streamed, block by block).
 
     Attributes:
-        rows: the computed landmark rows of the kernel, (m0 K, N) float64; C = H[S, :] is
-            ``rows[active]`` (all of them unless this is a :meth:`nested` approximation).
         landmark_rows: S as row indices of the kernel (mK,), ascending, row-major (i*K + k).
-        mixing: M = P L^{-T} (mK, r0) from the pivoted Cholesky factorisation
-            P^T W P = L L^T of W = H[S, S] (zero on the rows of landmarks it drops).
-        gram: M^T C C^T M, (r0, r0): B^T B.
+        block: W = H[S, S], (mK, mK), symmetrised.
         row_gram: C C^T, (mK, mK).
+        mixing: M = P L^{-T} (mK, r0) from the pivoted Cholesky factorisation
+            P^T W P = L L^T (zero on the rows of landmarks it drops).
+        gram: M^T C C^T M, (r0, r0): B^T B.
+        residual: u0, (N,) float64; residual_rows: C u0, (mK,).
+        covariate_basis: Q, an orthonormal basis (N, q) of the covariates (M5), or None;
+            covariate_rows: C Q, (mK, q), or None.
         trace: tr H, exact.
         landmarks: m, the landmark *training rows*; seed: their draw; seconds: time spent.
         kernel_path: the NTK backend that computed the rows ('layerwise' or 'generic').
-        active: which of ``rows`` are C, (mK,) ascending; None: all.
     """
 
-    rows: np.ndarray
     landmark_rows: np.ndarray
+    block: np.ndarray
+    row_gram: np.ndarray
     mixing: np.ndarray
     gram: np.ndarray
-    row_gram: np.ndarray
+    residual: np.ndarray
+    residual_rows: np.ndarray
+    covariate_basis: np.ndarray | None
+    covariate_rows: np.ndarray | None
     trace: float
     landmarks: int
     seed: int
     seconds: float = 0.0
     kernel_path: str = ""
-    active: np.ndarray | None = None
 
     @property
     def n_obs(self) -> int:
         """N = n K, the residuals."""
-        return int(self.rows.shape[1])
-
-    def _times(self, v: np.ndarray) -> np.ndarray:
-        """C v for v of N rows; the product with all of ``rows`` costs no more than with the
-        active ones gathered, and needs no copy of them."""
-        out = self.rows @ v
-        return out if self.active is None else out[self.active]
+        return int(self.residual.size)
 
     def nested(self, keep: np.ndarray) -> NystromKernel:
         """The Nystrom approximation from the landmarks ``keep`` alone (positions among this
-        one's m landmark training rows), from its own blocks: W and C C^T restricted to them,
-        no N-sized copy, O((m' K)^3) flops (module docstring)."""
+        one's m landmark training rows), from its own blocks: W, C C^T, C u0 and C Q restricted
+        to them, no N-sized copy, O((m' K)^3) flops (module docstring)."""
         tic = time.perf_counter()
         keep = np.asarray(keep)
         if keep.ndim != 1 or keep.size < 3 or np.unique(keep).size != keep.size:
@@ -243,62 +240,58 @@ class NystromKernel:
             )
         K = self.landmark_rows.size // self.landmarks
         pos = (np.sort(keep)[:, None] * K + np.arange(K)[None, :]).reshape(-1)
-        active = pos if self.active is None else self.active[pos]
-        S = self.landmark_rows[pos]
+        W = self.block[np.ix_(pos, pos)]
         G = self.row_gram[np.ix_(pos, pos)]
-        M, gram = _factor(self.rows[np.ix_(active, S)], G)
+        M, gram = _factor(W.copy(), G)
         return dataclasses.replace(
             self,
-            landmark_rows=S,
+            landmark_rows=self.landmark_rows[pos],
+            block=W,
+            row_gram=G,
             mixing=M,
             gram=gram,
-            row_gram=G,
+            residual_rows=self.residual_rows[pos],
+            covariate_rows=None if self.covariate_rows is None else self.covariate_rows[pos],
             landmarks=int(keep.size),
             seconds=time.perf_counter() - tic,
-            active=active,
         )
 
-    def spectrum(
-        self,
-        residual: np.ndarray | torch.Tensor,
-        covariates: np.ndarray | torch.Tensor | None = None,
-        *,
-        kernel_times: np.ndarray | None = None,
-    ) -> KernelSpectrum:
-        """The spectrum of H_S plus the one-cluster tail (module docstring), for residual u0
-        (N entries, row-major).
+    def spectrum(self, kernel_times: np.ndarray | None = None) -> KernelSpectrum:
+        """The spectrum of H_S plus the one-cluster tail (module docstring) for the residual
+        u0 this factorisation holds.
 
-        With covariates Z ((N, q) or (n, q)) the kernel is compressed to Z's complement (M5),
-        as ``KernelSpectrum.from_kernel(H, u0, covariates=Z)`` does: B becomes P B, u0 becomes
-        P u0, and the trace tr(P H P) = tr H - tr(Q^T H Q) needs ``kernel_times`` = H Q (N, q)
-        for the orthonormal basis Q of Z (:meth:`covariate_basis`), computed exactly by the
-        caller (``remlstop.ntk.ntk_vector_product``).
+        With ``kernel_times`` = H Q (N, q), Q = ``covariate_basis``, computed exactly by the
+        caller (``remlstop.ntk.ntk_vector_product``), the kernel is compressed to the
+        covariates' complement (M5), as ``KernelSpectrum.from_kernel(H, u0, covariates=Z)``
+        does: B becomes P B, u0 becomes P u0, and tr(P H P) = tr H - tr(Q^T H Q).
         """
         tic = time.perf_counter()
-        u = as_float64_vector(residual, "residual")
+        u, Cu = self.residual, self.residual_rows
         N = self.n_obs
-        if u.size != N:
-            raise ValueError(
-                f"residual has {u.size} entries but the kernel has N = {N} rows; they must "
-                "match (N = rows x outputs, flattened row-major)."
-            )
         M, S = self.mixing, self.gram
         trace, q = self.trace, 0
-        if covariates is not None:
-            Q = self.covariate_basis(covariates)
-            q = Q.shape[1]
-            if kernel_times is None or np.shape(kernel_times) != Q.shape:
+        if kernel_times is not None:
+            Q, CQ = self.covariate_basis, self.covariate_rows
+            if Q is None or CQ is None:
                 raise ValueError(
-                    f"covariates need kernel_times = H Q of shape {Q.shape} (Q from "
-                    "covariate_basis) for the compressed kernel's trace."
+                    "kernel_times compresses the kernel to the covariates' complement, but this "
+                    "factorisation was built without covariates; pass covariates= when building it."
                 )
-            QB = self._times(Q).T @ M  # Q^T B, (q, r0)
+            if np.shape(kernel_times) != Q.shape:
+                raise ValueError(
+                    f"kernel_times must be H Q of shape {Q.shape} (Q = covariate_basis), got "
+                    f"{np.shape(kernel_times)}."
+                )
+            q = Q.shape[1]
+            QB = CQ.T @ M  # Q^T B, (q, r0)
             S = S - QB.T @ QB
-            u = u - Q @ (Q.T @ u)
+            coef = Q.T @ u
+            u = u - Q @ coef
+            Cu = Cu - CQ @ coef
             trace -= float(np.einsum("ij,ij->", Q, np.asarray(kernel_times, dtype=np.float64)))
         sym = S + S.T
         sym *= 0.5
-        s2, w = spectral_projection(sym, M.T @ self._times(u), overwrite=True)
+        s2, w = spectral_projection(sym, M.T @ Cu, overwrite=True)
         del sym
         keep = s2 > _RANK_TOL * max(float(s2[-1]), 1e-300)
         s2 = s2[keep]
@@ -333,26 +326,107 @@ class NystromKernel:
         )
         return spectrum.with_approximation(info)
 
-    def covariate_basis(self, covariates: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Q, an orthonormal basis (N, q) of the covariates Z ((N, q) or (n, q)), as the dense
-        path builds it (M5)."""
-        return _orthonormal_basis(expand_covariates(covariates, self.n_obs))
+
+def _from_blocks(
+    blocks: Iterable[np.ndarray],
+    landmark_rows: np.ndarray,
+    residual: np.ndarray,
+    basis: np.ndarray | None,
+    trace: float,
+    landmarks: int,
+    seed: int,
+) -> NystromKernel:
+    """Accumulate the m K x m K blocks and C's products from C's column blocks, in order
+    ((mK, columns) float64 each, covering the N columns), and factor them (module docstring)."""
+    S = landmark_rows
+    mK, N = S.size, residual.size
+    G = np.zeros((mK, mK), order="F")
+    W = np.zeros((mK, mK))
+    Cu = np.zeros(mK)
+    CQ = None if basis is None else np.zeros((mK, basis.shape[1]))
+    start = 0
+    for Cb in blocks:
+        stop = start + Cb.shape[1]
+        if Cb.shape[0] != mK or stop > N:
+            raise ValueError(
+                f"the landmark rows must be (mK, N) = ({mK}, {N}); got a block of shape "
+                f"{Cb.shape} at column {start}."
+            )
+        if not np.isfinite(Cb).all():
+            raise ValueError(
+                "the landmark rows of the kernel contain NaN or inf; check the model's outputs."
+            )
+        with blas_threads():
+            # C C^T by symmetric rank updates (BLAS syrk on the column-major C_b^T), in place.
+            G = blas.dsyrk(1.0, Cb.T, beta=1.0, c=G, trans=1, lower=1, overwrite_c=1)
+        Cu += Cb @ residual[start:stop]
+        if CQ is not None:
+            CQ += Cb @ basis[start:stop]
+        lo, hi = np.searchsorted(S, [start, stop])  # S is ascending
+        W[:, lo:hi] = Cb[:, S[lo:hi] - start]
+        start = stop
+    if start != N:
+        raise ValueError(
+            f"the landmark rows must have N = {N} columns (one per residual), got {start}."
+        )
+    mirror_upper(G.T)
+    W += W.T
+    W *= 0.5
+    if not np.max(np.diag(W)) > 0:
+        raise ValueError(
+            "the kernel is zero on the landmark rows: the model's outputs do not depend on its "
+            "trainable parameters there."
+        )
+    M, gram = _factor(W.copy(), G)
+    return NystromKernel(
+        landmark_rows=S,
+        block=W,
+        row_gram=G,
+        mixing=M,
+        gram=gram,
+        residual=residual,
+        residual_rows=Cu,
+        covariate_basis=basis,
+        covariate_rows=CQ,
+        trace=float(trace),
+        landmarks=int(landmarks),
+        seed=int(seed),
+    )
+
+
+def _residual_and_basis(
+    residual: np.ndarray | torch.Tensor, covariates: np.ndarray | torch.Tensor | None, N: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """u0 as (N,) float64 and Q, the orthonormal basis (N, q) of the covariates Z ((N, q) or
+    (n, q)) as the dense path builds it (M5), or None."""
+    u = as_float64_vector(residual, "residual")
+    if u.size != N:
+        raise ValueError(
+            f"residual has {u.size} entries but the kernel has N = {N} rows; they must "
+            "match (N = rows x outputs, flattened row-major)."
+        )
+    if covariates is None:
+        return u, None
+    return u, _orthonormal_basis(expand_covariates(covariates, N))
 
 
 def nystrom_from_rows(
     rows: np.ndarray | torch.Tensor,
     landmark_rows: np.ndarray,
     trace: float,
+    residual: np.ndarray | torch.Tensor,
     *,
+    covariates: np.ndarray | torch.Tensor | None = None,
     landmarks: int | None = None,
     seed: int = 0,
 ) -> NystromKernel:
     """Factor the landmark rows C = H[S, :] ((mK, N), S = ``landmark_rows``) of a kernel with
-    exact trace ``trace`` into a :class:`NystromKernel` (METHOD M10).
+    exact trace ``trace`` into a :class:`NystromKernel` for the residual u0 (N,) and the
+    covariates Z ((N, q) or (n, q), optional) (METHOD M10).
 
     Pure linear algebra on the rows: W = C[:, S], M = P L^{-T} from its pivoted Cholesky
     factorisation stopped at pivots below ``_RANK_TOL`` of W's largest diagonal entry
-    (:func:`_mixing`), C C^T, and the r0 x r0 Gram M^T C C^T M.
+    (:func:`_mixing`), C C^T, C u0, C Q and the r0 x r0 Gram M^T C C^T M.
     """
     tic = time.perf_counter()
     C = np.ascontiguousarray(
@@ -365,72 +439,81 @@ def nystrom_from_rows(
             f"rows must be (mK, N) with mK = {S.size} < N landmark rows of the kernel, got "
             f"shape {tuple(C.shape)}."
         )
-    if not np.isfinite(C).all():
-        raise ValueError(
-            "the landmark rows of the kernel contain NaN or inf; check the model's outputs."
-        )
-    W = C[:, S]
-    if not np.max(np.diag(W)) > 0:
-        raise ValueError(
-            "the kernel is zero on the landmark rows: the model's outputs do not depend on its "
-            "trainable parameters there."
-        )
-    G = _gram_rows(C)
-    M, gram = _factor(W, G)
-    del W
-    return NystromKernel(
-        rows=C,
-        landmark_rows=S,
-        mixing=M,
-        gram=gram,
-        row_gram=G,
-        trace=float(trace),
-        landmarks=int(landmarks if landmarks is not None else S.size),
-        seed=int(seed),
-        seconds=time.perf_counter() - tic,
-    )
+    u, Q = _residual_and_basis(residual, covariates, C.shape[1])
+    m = landmarks if landmarks is not None else S.size
+    factor = _from_blocks([C], S, u, Q, trace, m, seed)
+    return dataclasses.replace(factor, seconds=time.perf_counter() - tic)
 
 
 def nystrom_kernel(
     model: nn.Module,
     x: torch.Tensor,
+    residual: np.ndarray | torch.Tensor,
     *,
     landmarks: int,
+    covariates: np.ndarray | torch.Tensor | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
     memory_limit_bytes: int | None = None,
+    block_rows: int | None = None,
 ) -> NystromKernel:
-    """The Nystrom factorisation of the model's empirical NTK at ``x`` (METHOD M1, M10).
+    """The Nystrom factorisation of the model's empirical NTK at ``x`` (METHOD M1, M10), for
+    the residual u0 and the covariates Z.
 
     Args:
         model: the network; derivatives over its trainable parameters (eval mode, left as found).
         x: training inputs (n, ...); the kernel has N = n K rows.
+        residual: u0, N entries in M1's row-major order.
         landmarks: m, training rows drawn uniformly at random (seeded by ``seed``) whose K
-            kernel rows each are computed exactly: memory m K x N float64 for C.
+            kernel rows each are computed exactly.
+        covariates: Z, (N, q) or (n, q), for :meth:`NystromKernel.spectrum`'s compressed
+            kernel (M5); None: none.
         chunk_size, memory_limit_bytes: passed to :func:`remlstop.ntk.empirical_ntk`.
+        block_rows: training rows per block of the landmark rows C, which is streamed: only
+            one block, m K x (block_rows K) float64, is alive at once (default: as many rows
+            as fit ``_BLOCK_BYTES``, at least m, so the landmarks' own Jacobian factors, made
+            anew for each block, cost at most what the rows' cost).
 
     Returns:
-        :class:`NystromKernel`; ``.spectrum(u0)`` gives the spectrum every criterion reads.
+        :class:`NystromKernel`; ``.spectrum()`` gives the spectrum every criterion reads.
     """
-    from .ntk import empirical_ntk, ntk_trace
+    from .ntk import _check_inputs, _probe_outputs, empirical_ntk, ntk_trace
 
     tic = time.perf_counter()
     n = x.shape[0]
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"block_rows must be a positive number of rows, got {block_rows}.")
     chosen = choose_landmarks(n, seed, landmarks)
     index = torch.as_tensor(chosen, device=x.device)
-    C, info = empirical_ntk(
-        model,
-        x,
-        x[index],
-        chunk_size=chunk_size,
-        memory_limit_bytes=memory_limit_bytes,
-        return_info=True,
+    paths: list[str] = []
+    with differentiable_evaluation(model):
+        K = _probe_outputs(model, _check_inputs(x[:4], "x", *device_dtype(model)))
+        N = n * K
+        u, Q = _residual_and_basis(residual, covariates, N)
+        b = block_rows or max(landmarks, _BLOCK_BYTES // (8 * landmarks * K * K))
+
+        def blocks() -> Iterator[np.ndarray]:
+            for start in range(0, n, b):
+                part = x[start : start + b]
+                Cb, info = empirical_ntk(
+                    model,
+                    part,
+                    x[index],
+                    chunk_size=chunk_size,
+                    memory_limit_bytes=memory_limit_bytes,
+                    return_info=True,
+                )
+                paths.append(info.path)
+                # The cross kernel J(x_S) J(x_b)^T comes divided by the block's N_b = n_b K;
+                # C = H[S, :] is divided by N (M1).
+                C = Cb.cpu().numpy()
+                C *= part.shape[0] * K / N
+                yield C
+
+        rows = (chosen[:, None] * K + np.arange(K)[None, :]).reshape(-1)
+        factor = _from_blocks(
+            blocks(), rows, u, Q, ntk_trace(model, x, chunk_size=chunk_size), landmarks, seed
+        )
+    return dataclasses.replace(
+        factor, seconds=time.perf_counter() - tic, kernel_path=paths[0] if paths else ""
     )
-    K = C.shape[0] // landmarks
-    # The cross kernel J(x_S) J(x)^T is divided by N as H is (M1), so C = H[S, :].
-    rows = (chosen[:, None] * K + np.arange(K)[None, :]).reshape(-1)
-    factor = nystrom_from_rows(
-        C, rows, ntk_trace(model, x, chunk_size=chunk_size), landmarks=landmarks, seed=seed
-    )
-    del C
-    return dataclasses.replace(factor, seconds=time.perf_counter() - tic, kernel_path=info.path)

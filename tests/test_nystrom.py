@@ -31,8 +31,7 @@ def _low_rank_case(seed: int = 0, n: int = 200, rank: int = 20):
 def test_landmarks_spanning_a_low_rank_kernel_give_the_dense_spectrum_exactly():
     H, u0 = _low_rank_case()
     S = choose_landmarks(200, seed=1, landmarks=60)
-    factor = nystrom_from_rows(H[S], S, float(np.trace(H)))
-    approx = factor.spectrum(u0)
+    approx = nystrom_from_rows(H[S], S, float(np.trace(H)), u0).spectrum()
     dense = KernelSpectrum.from_kernel(H, u0)
     np.testing.assert_allclose(approx.eigenvalues[-20:], dense.eigenvalues[-20:], rtol=1e-9)
     np.testing.assert_allclose(np.abs(approx.z[-20:]), np.abs(dense.z[-20:]), rtol=1e-7)
@@ -53,7 +52,7 @@ def test_the_nystrom_eigenvalues_never_exceed_the_dense_ones():
     H = (H + H.T) / 2
     u0 = rng.standard_normal(150)
     S = choose_landmarks(150, seed=0, landmarks=40)
-    approx = nystrom_from_rows(H[S], S, float(np.trace(H))).spectrum(u0)
+    approx = nystrom_from_rows(H[S], S, float(np.trace(H)), u0).spectrum()
     info = approx.approximation
     resolved = approx.eigenvalues[approx.eigenvalues > info.tail_eigenvalue * (1 + 1e-12)]
     dense = np.linalg.eigvalsh(H)[::-1][: resolved.size]
@@ -68,17 +67,22 @@ def test_covariates_compress_the_nystrom_kernel_as_the_dense_path_does():
     H, u0 = _low_rank_case(seed=3)
     Z = np.column_stack([np.ones(200), np.linspace(-1, 1, 200)])
     S = choose_landmarks(200, seed=2, landmarks=60)
-    factor = nystrom_from_rows(H[S], S, float(np.trace(H)))
-    Q = factor.covariate_basis(Z)
-    approx = factor.spectrum(u0, Z, kernel_times=H @ Q)
+    factor = nystrom_from_rows(H[S], S, float(np.trace(H)), u0, covariates=Z)
+    Q = factor.covariate_basis
+    approx = factor.spectrum(kernel_times=H @ Q)
     dense = KernelSpectrum.from_kernel(H, u0, covariates=Z)
     assert approx.dim == dense.dim == 198
     np.testing.assert_allclose(approx.eigenvalues[-20:], dense.eigenvalues[-20:], rtol=1e-8)
     assert variance_component_test(approx).pvalue == pytest.approx(
         variance_component_test(dense).pvalue, rel=1e-6
     )
-    with pytest.raises(ValueError, match="kernel_times"):
-        factor.spectrum(u0, Z)
+    # Without kernel_times the same factorisation gives the uncompressed spectrum.
+    plain = nystrom_from_rows(H[S], S, float(np.trace(H)), u0).spectrum()
+    np.testing.assert_array_equal(factor.spectrum().eigenvalues, plain.eigenvalues)
+    with pytest.raises(ValueError, match="kernel_times must be H Q of shape"):
+        factor.spectrum(kernel_times=H @ Q[:, :1])
+    with pytest.raises(ValueError, match="built without covariates"):
+        nystrom_from_rows(H[S], S, float(np.trace(H)), u0).spectrum(kernel_times=H @ Q)
 
 
 @pytest.mark.parametrize("K", [1, 2])
@@ -95,7 +99,8 @@ def test_a_nested_approximation_is_the_one_its_landmarks_would_build_alone(K):
 
     chosen = choose_landmarks(n, seed=0, landmarks=30)
     trace = float(np.trace(H))
-    factor = nystrom_from_rows(H[kernel_rows(chosen)], kernel_rows(chosen), trace, landmarks=30)
+    rows = kernel_rows(chosen)
+    factor = nystrom_from_rows(H[rows], rows, trace, u0, covariates=Z, landmarks=30)
     keep = choose_landmarks(30, seed=1, landmarks=14)
     keep2 = choose_landmarks(14, seed=2, landmarks=6)
     for nested, train_rows in (
@@ -103,16 +108,13 @@ def test_a_nested_approximation_is_the_one_its_landmarks_would_build_alone(K):
         (factor.nested(keep).nested(keep2), chosen[keep][keep2]),
     ):
         S = kernel_rows(train_rows)
-        alone = nystrom_from_rows(H[S], S, trace, landmarks=train_rows.size)
+        alone = nystrom_from_rows(H[S], S, trace, u0, covariates=Z, landmarks=train_rows.size)
         assert nested.landmarks == train_rows.size
         np.testing.assert_array_equal(nested.landmark_rows, S)
-        Q = alone.covariate_basis(Z)
+        Q = alone.covariate_basis
         for a, b in (
-            (nested.spectrum(u0), alone.spectrum(u0)),
-            (
-                nested.spectrum(u0, Z, kernel_times=H @ Q),
-                alone.spectrum(u0, Z, kernel_times=H @ Q),
-            ),
+            (nested.spectrum(), alone.spectrum()),
+            (nested.spectrum(kernel_times=H @ Q), alone.spectrum(kernel_times=H @ Q)),
         ):
             np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-15)
             np.testing.assert_allclose(np.abs(a.z), np.abs(b.z), rtol=1e-7, atol=1e-12)
@@ -145,10 +147,10 @@ def test_the_decision_reports_the_stop_with_half_of_the_landmarks():
     with torch.no_grad():
         f0 = model(x)
     u0 = (y - f0).double().reshape(-1).numpy()
-    nested = nystrom_kernel(model, x, landmarks=200, seed=0).nested(
+    nested = nystrom_kernel(model, x, u0, landmarks=200, seed=0).nested(
         choose_landmarks(200, seed=0, landmarks=100)
     )
-    fits = evaluate_criteria(nested.spectrum(u0)).fits
+    fits = evaluate_criteria(nested.spectrum()).fits
     # The float32 kernel rows are summed in another order here: 1e-7 apart, measured.
     for name in CRITERIA:
         assert a.check_times[name] == pytest.approx(fits[name].t, rel=1e-5), name
@@ -213,16 +215,36 @@ def test_the_landmark_check_runs_with_several_outputs_and_covariates_and_not_bel
     assert math.isnan(few.approximation.check_shift("reml", 1.0))
 
 
-def test_landmark_rows_are_the_dense_kernels_rows_and_the_trace_is_exact():
+def _assert_blocks_are_the_dense_kernels(factor, H, u0, Z=None):
+    S = factor.landmark_rows
+    C = H[S]
+    np.testing.assert_allclose(factor.block, H[np.ix_(S, S)], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(factor.row_gram, C @ C.T, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(factor.residual_rows, C @ u0, rtol=1e-10, atol=1e-14)
+    if Z is not None:
+        Q = factor.covariate_basis
+        np.testing.assert_allclose(Q @ (Q.T @ Z), Z, atol=1e-12)
+        np.testing.assert_allclose(factor.covariate_rows, C @ Q, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("block_rows", [None, 7, 30])
+def test_streamed_landmark_rows_give_the_dense_kernels_blocks_and_the_exact_trace(block_rows):
     x, _, _, _ = paper_simple_function(n=130, n_train=120, seed=0)
     model = paper_mlp(width=32, seed=0).double()
     x = x.double()
-    factor = nystrom_kernel(model, x, landmarks=30, seed=4)
+    u0 = np.random.default_rng(1).standard_normal(120)
+    Z = np.column_stack([np.ones(120), x[:, 0].numpy()])
+    factor = nystrom_kernel(model, x, u0, landmarks=30, covariates=Z, seed=4, block_rows=block_rows)
     H = empirical_ntk(model, x).numpy()
-    np.testing.assert_allclose(factor.rows, H[factor.landmark_rows], rtol=1e-10, atol=1e-14)
+    # 7 rows per block: 18 blocks, the last one ragged, most holding some landmarks.
+    _assert_blocks_are_the_dense_kernels(factor, H, u0, Z)
     assert factor.trace == pytest.approx(ntk_trace(model, x), rel=1e-10)
     assert factor.trace == pytest.approx(np.trace(H), rel=1e-10)
     assert factor.kernel_path == "layerwise"
+    whole = nystrom_from_rows(H[factor.landmark_rows], factor.landmark_rows, np.trace(H), u0)
+    np.testing.assert_allclose(
+        factor.spectrum().eigenvalues, whole.spectrum().eigenvalues, rtol=1e-9, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("network", ["three_outputs", "generic"])
@@ -237,18 +259,34 @@ def test_landmark_rows_follow_the_row_major_order_on_both_backends(network):
         model = torch.nn.Sequential(
             torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
         ).double()
-    factor = nystrom_kernel(model, x, landmarks=10, seed=1)
     H = empirical_ntk(model, x).numpy()
     K = H.shape[0] // 40
+    u0 = np.random.default_rng(0).standard_normal(40 * K)
+    factor = nystrom_kernel(model, x, u0, landmarks=10, seed=1, block_rows=16)
     assert factor.landmark_rows.size == 10 * K
     assert factor.kernel_path == ("layerwise" if network == "three_outputs" else "generic")
-    np.testing.assert_allclose(factor.rows, H[factor.landmark_rows], rtol=1e-10, atol=1e-14)
+    _assert_blocks_are_the_dense_kernels(factor, H, u0)
     rows = factor.landmark_rows.reshape(10, K)
     assert np.array_equal(rows % K, np.tile(np.arange(K), (10, 1)))
-    u0 = np.random.default_rng(0).standard_normal(40 * K)
-    spectrum = factor.spectrum(u0)
+    spectrum = factor.spectrum()
     assert spectrum.dim == 40 * K
     assert spectrum.trace == pytest.approx(np.trace(H), rel=1e-10)
+
+
+def test_bad_factorisation_inputs_are_refused_with_the_reason():
+    H, u0 = _low_rank_case()
+    S = choose_landmarks(200, seed=1, landmarks=20)
+    with pytest.raises(ValueError, match="residual has 199 entries but the kernel has N = 200"):
+        nystrom_from_rows(H[S], S, 1.0, u0[:-1])
+    bad = H[S].copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        nystrom_from_rows(bad, S, 1.0, u0)
+    with pytest.raises(ValueError, match="kernel is zero on the landmark rows"):
+        nystrom_from_rows(np.zeros_like(H[S]), S, 1.0, u0)
+    x, _, _, _ = paper_simple_function(n=40, n_train=30, seed=0)
+    with pytest.raises(ValueError, match="block_rows must be a positive number of rows"):
+        nystrom_kernel(paper_mlp(width=8, seed=0), x, np.zeros(30), landmarks=5, block_rows=0)
 
 
 def test_bad_landmarks_are_refused_with_the_reason():
@@ -271,14 +309,14 @@ def _stopper(n=400, **options):
 
 def test_auto_takes_the_nystrom_path_when_the_dense_kernel_exceeds_the_budget():
     # Dense peak about 2 x 8 x 400^2 = 2.6 MB > 2 MB: Nystrom, with as many landmarks as half
-    # the budget holds (2e6 / 2 / (8 x 400) = 312), at most n / 2 = 200.
+    # the budget holds at 8 x 8 m^2 bytes (sqrt(2e6 / 2 / 64) = 125), at most n / 2 = 200.
     stopper, _ = _stopper(memory_budget_bytes=2_000_000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         decision = stopper.start()
     assert decision.approximation is not None
-    assert decision.approximation.landmarks == 200
-    assert "Nystrom spectrum (M10) from 200 landmark rows" in str(decision)
+    assert decision.approximation.landmarks == 125
+    assert "Nystrom spectrum (M10) from 125 landmark rows" in str(decision)
     assert stopper.spectrum.dim == 400
     dense, _ = _stopper(memory_budget_bytes=10_000_000)
     with warnings.catch_warnings():
@@ -357,17 +395,21 @@ def test_the_trajectory_rule_reads_the_exact_h_u0_on_the_nystrom_path():
     assert stops["nystrom"] == pytest.approx(stops["dense"], rel=0.02)
 
 
-def test_default_landmarks_keep_the_landmark_rows_within_3_gib():
+def test_default_landmarks_keep_the_cost_within_that_of_8192_columns_at_n_100000():
     from remlstop._spectra import default_landmarks
 
     assert default_landmarks(30_000, 1, None) == 8192
-    # 3 GiB / (8 bytes x 60,000) = 6,710 columns, then 4,096 from N = 98,304 on.
-    assert default_landmarks(60_000, 1, None) == 6710
-    assert default_landmarks(30_000, 2, None) == 3355
-    assert default_landmarks(100_000, 1, None) == 4096
+    assert default_landmarks(100_000, 1, None) == 8192
+    assert default_landmarks(50_000, 2, None) == 4096
+    # sqrt(10^5 / 2 x 10^5) x 8,192 = 5,792 columns, then 4,096 from N = 4 x 10^5 on.
+    assert default_landmarks(200_000, 1, None) == 5792
     assert default_landmarks(10**6, 1, None) == 4096
-    # Half the budget for C: 2 GB / (8 x 10^5) = 2,500 rows.
-    assert default_landmarks(100_000, 1, 4 * 10**9) == 2500
+    assert default_landmarks(10**6, 4, None) == 1024
+    # Half of a 4 GB budget at 8 x 8 (m K)^2 bytes: sqrt(2 x 10^9 / 64) = 5,590 columns.
+    assert default_landmarks(100_000, 1, 4 * 10**9) == 5590
+    assert default_landmarks(100_000, 2, 4 * 10**9) == 2795
+    with pytest.raises(MemoryError, match="not even 3 landmark rows"):
+        default_landmarks(100_000, 1, 500)
 
 
 def test_auto_keeps_a_cpu_on_the_dense_path_up_to_n_20000_only():
@@ -383,4 +425,4 @@ def test_auto_keeps_a_cpu_on_the_dense_path_up_to_n_20000_only():
     with pytest.raises(ValueError, match="only n = 300 training rows"):
         plan(300, 1, StopperOptions(kernel="nystrom", landmarks=300), cpu)
     with pytest.raises(MemoryError, match="not even 3 landmark rows"):
-        plan(10**6, 1, StopperOptions(memory_budget_bytes=10**6), cpu)
+        plan(10**6, 1, StopperOptions(memory_budget_bytes=500), cpu)
