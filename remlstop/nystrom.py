@@ -68,6 +68,8 @@ _RANK_TOL = 1e-10
 # One block of the streamed landmark rows C (m K x b K float64) takes at most this, unless a
 # block of m rows (the smallest :func:`nystrom_kernel` makes) is larger.
 _BLOCK_BYTES = 2**29
+# Columns of C C^T per matrix product while it is accumulated (:func:`_add_gram`).
+_PANEL = 2048
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,21 @@ class NystromKernel:
         return spectrum.with_approximation(info)
 
 
+def _add_gram(G: np.ndarray, Cb: np.ndarray) -> None:
+    """G's lower triangle += C_b C_b^T, for C_b (mK, columns), in column panels of
+    ``_PANEL``: the panel's diagonal block by BLAS syrk, the rest below it by a matrix product.
+
+    Not one syrk for all of G: SciPy's threaded dsyrk wrote out of bounds (a segfault) for a
+    16,384 x 16,384 output with 4,096 or more columns on two threads, measured; the panels keep
+    every output small, for the same flops."""
+    mK = G.shape[0]
+    with blas_threads():
+        for j in range(0, mK, _PANEL):
+            k = min(mK, j + _PANEL)
+            G[j:k, j:k] += blas.dsyrk(1.0, Cb[j:k].T, trans=1, lower=1)
+            G[k:, j:k] += Cb[k:] @ Cb[j:k].T
+
+
 def _from_blocks(
     blocks: Iterable[np.ndarray],
     landmark_rows: np.ndarray,
@@ -340,7 +357,7 @@ def _from_blocks(
     ((mK, columns) float64 each, covering the N columns), and factor them (module docstring)."""
     S = landmark_rows
     mK, N = S.size, residual.size
-    G = np.zeros((mK, mK), order="F")
+    G = np.zeros((mK, mK))
     W = np.zeros((mK, mK))
     Cu = np.zeros(mK)
     CQ = None if basis is None else np.zeros((mK, basis.shape[1]))
@@ -356,9 +373,7 @@ def _from_blocks(
             raise ValueError(
                 "the landmark rows of the kernel contain NaN or inf; check the model's outputs."
             )
-        with blas_threads():
-            # C C^T by symmetric rank updates (BLAS syrk on the column-major C_b^T), in place.
-            G = blas.dsyrk(1.0, Cb.T, beta=1.0, c=G, trans=1, lower=1, overwrite_c=1)
+        _add_gram(G, Cb)
         Cu += Cb @ residual[start:stop]
         if CQ is not None:
             CQ += Cb @ basis[start:stop]

@@ -74,9 +74,10 @@ class StopperOptions:
             peak (about 2 N^2 x 8 bytes) fits ``memory_budget_bytes`` and, on a CPU,
             N <= 20,000 (the dense decision grows as N^3: 258 s at N = 10,000 on two cores);
             Nystrom otherwise. The decision says which ran and how much it resolved.
-        landmarks: training rows whose kernel rows the Nystrom path computes (None: as many
-            as keep them within 3 GiB, between 4096 / K and 8192 / K, at most n / 2, within
-            half the budget). More resolve more of the kernel and cost (m K)^3 + N (m K)^2.
+        landmarks: training rows whose kernel rows the Nystrom path computes (None: 8192 / K
+            up to N = 10^5, then as many as keep the cost N (m K)^2 there, at least 4096 / K,
+            at most n / 2, within half the budget at about 64 (m K)^2 bytes). More resolve more
+            of the kernel and cost (m K)^3 + N (m K)^2 flops, 64 (m K)^2 bytes.
         memory_budget_bytes: the budget 'auto' compares with; None: the memory available on
             the kernel's device now.
     """

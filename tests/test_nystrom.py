@@ -426,3 +426,15 @@ def test_auto_keeps_a_cpu_on_the_dense_path_up_to_n_20000_only():
         plan(300, 1, StopperOptions(kernel="nystrom", landmarks=300), cpu)
     with pytest.raises(MemoryError, match="not even 3 landmark rows"):
         plan(10**6, 1, StopperOptions(memory_budget_bytes=500), cpu)
+
+
+def test_the_row_gram_is_accumulated_exactly_across_panels_and_blocks(monkeypatch):
+    from remlstop import nystrom
+
+    monkeypatch.setattr(nystrom, "_PANEL", 7)
+    rng = np.random.default_rng(5)
+    C = rng.standard_normal((20, 45))
+    G = np.zeros((20, 20))
+    for cols in (slice(0, 13), slice(13, 45)):
+        nystrom._add_gram(G, np.ascontiguousarray(C[:, cols]))
+    np.testing.assert_allclose(np.tril(G), np.tril(C @ C.T), rtol=1e-12, atol=1e-12)
