@@ -438,3 +438,21 @@ def test_the_row_gram_is_accumulated_exactly_across_panels_and_blocks(monkeypatc
     for cols in (slice(0, 13), slice(13, 45)):
         nystrom._add_gram(G, np.ascontiguousarray(C[:, cols]))
     np.testing.assert_allclose(np.tril(G), np.tril(C @ C.T), rtol=1e-12, atol=1e-12)
+
+
+def test_streamed_landmark_rows_of_a_cnn_are_the_dense_kernels():
+    torch.manual_seed(0)
+    x = torch.randn(36, 1, 8, 8, dtype=torch.float64)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 2),
+    ).double()
+    H = empirical_ntk(model, x).numpy()
+    u0 = np.random.default_rng(2).standard_normal(72)
+    factor = nystrom_kernel(model, x, u0, landmarks=9, seed=3, block_rows=5)
+    assert factor.kernel_path == "layerwise"
+    _assert_blocks_are_the_dense_kernels(factor, H, u0)
+    assert factor.trace == pytest.approx(np.trace(H), rel=1e-10)
