@@ -28,7 +28,14 @@ from .options import StopperOptions
 from .spectrum import KernelSpectrum
 from .vctest import variance_component_test
 
-__all__ = ["InitialSpectra", "default_landmarks", "dense_peak_bytes", "initial_spectra", "plan"]
+__all__ = [
+    "InitialSpectra",
+    "default_landmarks",
+    "dense_peak_bytes",
+    "initial_spectra",
+    "nystrom_peak_bytes",
+    "plan",
+]
 
 # The dense decision's peak over the kernel's N^2 x 8 bytes: 1.92 measured at n = 3,000
 # (benchmarks/peak_memory.py), rounded up.
@@ -60,6 +67,12 @@ def dense_peak_bytes(n_obs: int) -> int:
     return int(_DENSE_PEAK * 8 * n_obs * n_obs)
 
 
+def nystrom_peak_bytes(columns: int) -> int:
+    """Estimated peak of the Nystrom decision with ``columns`` = m K landmark rows of the
+    kernel (bytes): ``_NYSTROM_PEAK`` x 8 (m K)^2, whatever N."""
+    return int(_NYSTROM_PEAK * 8 * columns * columns)
+
+
 def default_landmarks(n: int, K: int, budget: int | None) -> int:
     """Landmark rows m for n training rows of K outputs: m K columns as many as keep the
     decision's N (m K)^2 flops within ``_LANDMARK_FLOPS`` (8,192 up to N = n K = 10^5, then
@@ -71,7 +84,7 @@ def default_landmarks(n: int, K: int, budget: int | None) -> int:
     columns = min(_MAX_LANDMARK_COLUMNS, max(_MIN_LANDMARK_COLUMNS, affordable))
     m = min(max(3, columns // K), n // 2)
     if budget is not None:
-        fits = math.isqrt(int(_LANDMARK_SHARE * budget / (8 * _NYSTROM_PEAK)))
+        fits = math.isqrt(int(_LANDMARK_SHARE * budget / nystrom_peak_bytes(1)))
         m = min(m, fits // K)
     if m < 3:
         raise MemoryError(
@@ -93,11 +106,22 @@ def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple
         path = "dense" if fits and quick else "nystrom"
     if path == "dense":
         return "dense", None
-    m = options.landmarks or default_landmarks(n, K, budget)
+    # The Nystrom path's m K x m K matrices are numpy arrays: they take the CPU's memory.
+    host = options.memory_budget_bytes
+    if host is None:
+        host = _available_bytes(torch.device("cpu"))
+    m = options.landmarks or default_landmarks(n, K, host)
     if m >= n:
         raise ValueError(
             f"landmarks = {m} but there are only n = {n} training rows; use kernel='dense' "
             "or fewer landmarks."
+        )
+    need = nystrom_peak_bytes(m * K)
+    if options.landmarks and host is not None and need > host:
+        raise MemoryError(
+            f"landmarks = {m} ({m * K} kernel rows) need about {need / 2**30:.3g} GB for the "
+            f"Nystrom decision (METHOD M10) but {host / 2**30:.3g} GB are available; pass "
+            f"fewer landmarks (the default picks what fits) or raise memory_budget_bytes."
         )
     return "nystrom", m
 

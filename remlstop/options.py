@@ -79,7 +79,9 @@ class StopperOptions:
             at most n / 2, within half the budget at about 64 (m K)^2 bytes). More resolve more
             of the kernel and cost (m K)^3 + N (m K)^2 flops, 64 (m K)^2 bytes.
         memory_budget_bytes: the budget 'auto' compares with; None: the memory available on
-            the kernel's device now.
+            the kernel's device now. The Nystrom path's m K x m K matrices (about 64 (m K)^2
+            bytes) are held on the CPU and checked against it, or against the CPU's available
+            memory when None: explicit ``landmarks`` that do not fit raise a MemoryError.
     """
 
     loss: LossSpec | str | nn.Module = "half_mse"

@@ -426,6 +426,11 @@ def test_auto_keeps_a_cpu_on_the_dense_path_up_to_n_20000_only():
         plan(300, 1, StopperOptions(kernel="nystrom", landmarks=300), cpu)
     with pytest.raises(MemoryError, match="not even 3 landmark rows"):
         plan(10**6, 1, StopperOptions(memory_budget_bytes=500), cpu)
+    # Explicit landmarks: 64 x 20,000^2 bytes = 25.6 GB do not fit 10 GB; 10,000 (6.4 GB) do.
+    tight = dict(kernel="nystrom", memory_budget_bytes=10**10)
+    with pytest.raises(MemoryError, match="need about 23.8 GB .* pass fewer landmarks"):
+        plan(10**6, 1, StopperOptions(landmarks=20_000, **tight), cpu)
+    assert plan(10**6, 1, StopperOptions(landmarks=10_000, **tight), cpu) == ("nystrom", 10_000)
 
 
 def test_the_row_gram_is_accumulated_exactly_across_panels_and_blocks(monkeypatch):
