@@ -28,7 +28,8 @@ Usage (from the repository root)::
 
 Writes ``benchmarks/results/large_n_accuracy.md``, ``large_n_scale.md`` and
 ``large_n_convergence.md`` (each part that ran) and appends every decision to ``large_n.csv``
-(commit, n, path, landmarks, seed, seconds, peak GB, p-value, stop steps by criterion); with
+as it is measured (commit, n, path, landmarks, seed, seconds, peak GB, p-value, stop steps by
+criterion); with
 ``--device cuda``, ``large_n_scale_cuda.md`` and so on.
 """
 
@@ -102,9 +103,40 @@ def run(n: int, kernel: str, landmarks: str, seed: int, device: str) -> dict:
         [sys.executable, "-c", _CHILD, str(n), kernel, landmarks, str(seed), device],
         capture_output=True,
         text=True,
-        check=True,
     )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"the decision n={n} kernel={kernel} landmarks={landmarks} seed={seed} on {device} "
+            f"failed (exit status {out.returncode}); the decisions before it are in the CSV. "
+            f"Its stderr ends:\n{out.stderr[-2000:]}"
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_CSV_HEADER = [
+    "commit",
+    "n",
+    "kernel",
+    "landmarks",
+    "seed",
+    "seconds",
+    "peak_gb",
+    "pvalue",
+    "steps",
+]
+
+
+def append_csv(table: Path, commit: str, r: dict) -> None:
+    """One decision appended to the CSV as soon as it is measured, so a later failure keeps it."""
+    new_table = not table.exists()
+    with open(table, "a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new_table:
+            writer.writerow(_CSV_HEADER)
+        writer.writerow(
+            [commit, r["n"], r["kernel"], r["landmarks"], r["seed"], r["seconds"], r["peak_gb"]]
+            + [r["pvalue"], json.dumps(r["steps"])]
+        )
 
 
 def check_cell(r: dict) -> str:
@@ -160,13 +192,18 @@ def main() -> None:
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     commit = git_commit()
     tic = time.time()
-    rows: list[dict] = []
+    table = RESULTS / f"large_n{suffix}.csv"
+
+    def measure(n: int, kernel: str, landmarks: str, seed: int) -> dict:
+        r = run(n, kernel, landmarks, seed, args.device)
+        append_csv(table, commit, r)
+        return r
+
     accuracy: list[str] = []
     intervals: list[str] = []
     criteria: list[str] = []
     for n in ints(args.accuracy_n):
-        dense = run(n, "dense", "default", 0, args.device)
-        rows.append(dense)
+        dense = measure(n, "dense", "default", 0)
         criteria = list(dense["steps"])
         ends = {
             c: [relative_shift(end, dense["steps"][c]) for end in ends]
@@ -182,16 +219,14 @@ def main() -> None:
             if m >= n:
                 continue
             for seed in ints(args.seeds):
-                r = run(n, "nystrom", str(m), seed, args.device)
-                rows.append(r)
+                r = measure(n, "nystrom", str(m), seed)
                 accuracy.append(
                     f"| {n} | {m} | {seed} | {comparison_cells(r, dense, criteria)} | "
                     f"{r['seconds']:.1f} | {dense['seconds']:.1f} |"
                 )
     scale: list[str] = []
     for n in ints(args.scale_n):
-        r = run(n, "nystrom", "default", 0, args.device)
-        rows.append(r)
+        r = measure(n, "nystrom", "default", 0)
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["parts"].items())
         on_card = "" if r["device_peak_gb"] is None else f"{r['device_peak_gb']:.2f} | "
         scale.append(
@@ -201,11 +236,10 @@ def main() -> None:
     convergence: list[str] = []
     for n in ints(args.convergence_n):
         runs = [
-            run(n, "nystrom", str(m), seed, args.device)
+            measure(n, "nystrom", str(m), seed)
             for m in sorted(ints(args.convergence_landmarks), reverse=True)
             for seed in ints(args.seeds)
         ]
-        rows.extend(runs)
         reference = runs[0]
         criteria = list(reference["steps"])
         for r in runs:
@@ -303,38 +337,6 @@ def main() -> None:
             continue
         (RESULTS / f"large_n_{name}{suffix}.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
-    table = RESULTS / f"large_n{suffix}.csv"
-    new_table = not table.exists()
-    with open(table, "a", newline="") as fh:
-        writer = csv.writer(fh)
-        if new_table:
-            writer.writerow(
-                [
-                    "commit",
-                    "n",
-                    "kernel",
-                    "landmarks",
-                    "seed",
-                    "seconds",
-                    "peak_gb",
-                    "pvalue",
-                    "steps",
-                ]
-            )
-        for r in rows:
-            writer.writerow(
-                [
-                    commit,
-                    r["n"],
-                    r["kernel"],
-                    r["landmarks"],
-                    r["seed"],
-                    r["seconds"],
-                    r["peak_gb"],
-                    r["pvalue"],
-                    json.dumps(r["steps"]),
-                ]
-            )
 
 
 if __name__ == "__main__":
