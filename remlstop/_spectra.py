@@ -94,11 +94,16 @@ def default_landmarks(n: int, K: int, budget: int | None) -> int:
     return m
 
 
+def _budget(options: StopperOptions, device: torch.device) -> int | None:
+    """``memory_budget_bytes``, or the memory available on ``device`` now (None: unknown)."""
+    if options.memory_budget_bytes is not None:
+        return options.memory_budget_bytes
+    return _available_bytes(_memory_device(device))
+
+
 def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple[str, int | None]:
     """('dense', None) or ('nystrom', m landmark rows) for n rows of K outputs (M10)."""
-    budget = options.memory_budget_bytes
-    if budget is None:
-        budget = _available_bytes(_memory_device(device))
+    budget = _budget(options, device)
     path = options.kernel
     if path == "auto":
         fits = budget is None or dense_peak_bytes(n * K) <= budget
@@ -107,9 +112,7 @@ def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple
     if path == "dense":
         return "dense", None
     # The Nystrom path's m K x m K matrices are numpy arrays: they take the CPU's memory.
-    host = options.memory_budget_bytes
-    if host is None:
-        host = _available_bytes(torch.device("cpu"))
+    host = _budget(options, torch.device("cpu"))
     m = options.landmarks or default_landmarks(n, K, host)
     if m >= n:
         raise ValueError(
@@ -129,20 +132,19 @@ def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple
 def _with_landmark_check(
     spectrum: KernelSpectrum,
     factor: NystromKernel,
-    HV: torch.Tensor,
+    kernel_times: np.ndarray | None,
     seed: int,
 ) -> KernelSpectrum:
     """``spectrum`` with its approximation's check filled in (M10): every criterion's stop time
     and the test's p-value from half of the landmarks (drawn among them with ``seed``), so the
-    decision can say how far its stop still moves with m."""
+    decision can say how far its stop still moves with m. ``kernel_times``: H Q for the test's
+    covariates (None: none)."""
     half = factor.landmarks // 2
     if half < 3:
         return spectrum
     nested = factor.nested(choose_landmarks(factor.landmarks, seed, half))
     check = nested.spectrum()
-    test_check = check
-    if factor.covariate_basis is not None:
-        test_check = nested.spectrum(kernel_times=HV[:, 1:].cpu().numpy())
+    test_check = check if kernel_times is None else nested.spectrum(kernel_times)
     assert spectrum.approximation is not None
     return spectrum.with_approximation(
         dataclasses.replace(
@@ -227,12 +229,13 @@ def initial_spectra(
             products.append(torch.from_numpy(factor.covariate_basis).to(u0.device))
         V = torch.column_stack(products)
         HV = ntk_vector_product(model, X, V, chunk_size=chunk).to(torch.float64)
-        if covariates is not None:
-            test_spectrum = factor.spectrum(kernel_times=HV[:, 1:].cpu().numpy())
+        HQ = None if factor.covariate_basis is None else HV[:, 1:].cpu().numpy()
+        if HQ is not None:
+            test_spectrum = factor.spectrum(kernel_times=HQ)
         seconds["spectrum"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        spectrum = _with_landmark_check(spectrum, factor, HV, options.seed)
-        if covariates is None:
+        spectrum = _with_landmark_check(spectrum, factor, HQ, options.seed)
+        if HQ is None:
             test_spectrum = spectrum
         seconds["check"] = time.perf_counter() - tic
     return InitialSpectra(

@@ -137,6 +137,11 @@ def relative_shift(t_check: float, t: float) -> float:
     return t_check / t - 1.0
 
 
+def _kernel_rows(train_rows: np.ndarray, K: int) -> np.ndarray:
+    """The kernel rows (i K + k, k < K) of training rows i, in M1's row-major order."""
+    return (np.asarray(train_rows)[:, None] * K + np.arange(K)[None, :]).reshape(-1)
+
+
 def choose_landmarks(n: int, seed: int, landmarks: int) -> np.ndarray:
     """``landmarks`` distinct row indices of ``range(n)``, uniformly at random, ascending.
 
@@ -241,7 +246,7 @@ class NystromKernel:
                 f"positions {keep.min()} ... {keep.max()}."
             )
         K = self.landmark_rows.size // self.landmarks
-        pos = (np.sort(keep)[:, None] * K + np.arange(K)[None, :]).reshape(-1)
+        pos = _kernel_rows(np.sort(keep), K)
         W = self.block[np.ix_(pos, pos)]
         G = self.row_gram[np.ix_(pos, pos)]
         M, gram = _factor(W.copy(), G)
@@ -499,7 +504,7 @@ def nystrom_kernel(
     if block_rows is not None and block_rows < 1:
         raise ValueError(f"block_rows must be a positive number of rows, got {block_rows}.")
     chosen = choose_landmarks(n, seed, landmarks)
-    index = torch.as_tensor(chosen, device=x.device)
+    landmark_x = x[torch.as_tensor(chosen, device=x.device)]
     paths: list[str] = []
     with differentiable_evaluation(model):
         K = _probe_outputs(model, _check_inputs(x[:4], "x", *device_dtype(model)))
@@ -513,7 +518,7 @@ def nystrom_kernel(
                 Cb, info = empirical_ntk(
                     model,
                     part,
-                    x[index],
+                    landmark_x,
                     chunk_size=chunk_size,
                     memory_limit_bytes=memory_limit_bytes,
                     return_info=True,
@@ -525,10 +530,8 @@ def nystrom_kernel(
                 C *= part.shape[0] * K / N
                 yield C
 
-        rows = (chosen[:, None] * K + np.arange(K)[None, :]).reshape(-1)
-        factor = _from_blocks(
-            blocks(), rows, u, Q, ntk_trace(model, x, chunk_size=chunk_size), landmarks, seed
-        )
+        trace = ntk_trace(model, x, chunk_size=chunk_size)
+        factor = _from_blocks(blocks(), _kernel_rows(chosen, K), u, Q, trace, landmarks, seed)
     return dataclasses.replace(
         factor, seconds=time.perf_counter() - tic, kernel_path=paths[0] if paths else ""
     )
