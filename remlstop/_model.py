@@ -158,11 +158,56 @@ def trained_only(model: nn.Module, trained: list[nn.Parameter]) -> Iterator[None
             p.requires_grad_(True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Float32 precision.
+# ---------------------------------------------------------------------------------------------
+
+
+def _precision_handles() -> list[Any]:
+    """The backends' per-operator float32 precision settings (torch >= 2.9): cuBLAS matmul,
+    cuDNN and oneDNN convolution, RNN and (oneDNN) matmul."""
+    ops = [(b, op) for b in ("cudnn", "mkldnn") for op in ("conv", "rnn", "matmul")]
+    handles = [getattr(getattr(torch.backends, b), op, None) for b, op in ops]
+    matmul = torch.backends.cuda.matmul
+    return [h for h in [matmul, *handles] if h is not None and hasattr(h, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def full_float32_precision() -> Iterator[None]:
+    """Float32 products and convolutions in IEEE float32 for the body, the user's settings
+    restored afterwards.
+
+    TF32 (cuDNN convolutions use it by default on Ampere and later GPUs, cuBLAS after
+    ``torch.set_float32_matmul_precision("high")``) or oneDNN's bf16 keep about 10 bits of
+    the mantissa: a float32 network's kernel came out 1.7e-4 off, where float32 holds it to
+    about 1e-7 (M1). Set through the per-operator ``fp32_precision`` of torch >= 2.9 when it
+    exists (the legacy flags would then mix two APIs, which torch refuses), the legacy
+    ``allow_tf32`` flags before."""
+    handles = _precision_handles()
+    if handles:
+        saved = [h.fp32_precision for h in handles]
+        try:
+            for h in handles:
+                h.fp32_precision = "ieee"
+            yield
+        finally:
+            for h, value in zip(handles, saved, strict=True):
+                h.fp32_precision = value
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 @contextlib.contextmanager
 def evaluation(model: nn.Module) -> Iterator[None]:
     """Side-effect-free forward passes without gradients (the stopper's f0 and residuals, M4):
-    eval mode and no_grad inside :func:`preserved`."""
-    with preserved(model), torch.no_grad():
+    eval mode and no_grad inside :func:`preserved`, in IEEE float32
+    (:func:`full_float32_precision`)."""
+    with preserved(model), torch.no_grad(), full_float32_precision():
         model.eval()
         yield
 
@@ -171,8 +216,9 @@ def evaluation(model: nn.Module) -> Iterator[None]:
 def differentiable_evaluation(model: nn.Module) -> Iterator[None]:
     """Forwards that the kernel (M1) differentiates: eval mode inside :func:`preserved`, with
     autograd on even under an outer ``torch.inference_mode()`` (inputs made there are cloned
-    by :func:`model_inputs`). Warns when eval mode changes what the model computes."""
-    with torch.inference_mode(False), preserved(model):
+    by :func:`model_inputs`), in IEEE float32 (:func:`full_float32_precision`). Warns when
+    eval mode changes what the model computes."""
+    with torch.inference_mode(False), preserved(model), full_float32_precision():
         _warn_train_mode_layers(model)
         model.eval()
         yield

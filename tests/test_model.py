@@ -248,3 +248,48 @@ def test_cuda_rng_is_restored_on_every_device() -> None:
             torch.rand(3, device=f"cuda:{i}")
     after = torch.cuda.get_rng_state_all()
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+class PrecisionProbe(nn.Module):
+    """Records the backends' float32 precision settings at every forward."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.seen: list[list[str]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append([h.fp32_precision for h in _model._precision_handles()])
+        return self.net(x)
+
+
+@pytest.mark.skipif(not _model._precision_handles(), reason="torch < 2.9: legacy TF32 flags")
+def test_kernel_and_outputs_run_in_ieee_float32_and_the_users_tf32_setting_is_restored() -> None:
+    # TF32 (cuDNN convolutions' default on recent GPUs) would put a float32 kernel 1e-4 off.
+    handles = _model._precision_handles()
+    original = [h.fp32_precision for h in handles]
+    try:
+        for h in handles:
+            h.fp32_precision = "tf32"
+        net, X, Y, opt = repro()
+        model = PrecisionProbe(net)
+        empirical_ntk(model, X, path="generic")
+        REMLStopper(model, X, Y, optimizer=opt).start()
+        assert len(model.seen) >= 2
+        assert all(seen == ["ieee"] * len(handles) for seen in model.seen)
+        assert [h.fp32_precision for h in handles] == ["tf32"] * len(handles)
+    finally:
+        for h, value in zip(handles, original, strict=True):
+            h.fp32_precision = value
+
+
+def test_legacy_tf32_flags_are_turned_off_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    matmul, cudnn = SimpleNamespace(allow_tf32=True), SimpleNamespace(allow_tf32=True)
+    monkeypatch.setattr(_model, "_precision_handles", lambda: [])
+    monkeypatch.setattr(torch.backends, "cuda", SimpleNamespace(matmul=matmul))
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+    with _model.full_float32_precision():
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+    assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, True)
