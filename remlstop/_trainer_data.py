@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._model import preserved_rng
 from .data import collect_xy
 
 __all__ = ["distributed", "trainer_xy"]
@@ -63,7 +64,9 @@ def _trained_batches(trainer: Any, loader: Any) -> Any:
         isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.shuffle
     )
     if fixed:
-        return list(itertools.islice(loader, int(used)))
+        # A DataLoader's iterator draws its base seed from the global generator.
+        with preserved_rng():
+            return list(itertools.islice(loader, int(used)))
     warnings.warn(
         f"limit_train_batches leaves {int(used)} of {total} batches per epoch; the loader "
         "shuffles, so training visits every row over the epochs, and the kernel uses them all.",

@@ -47,8 +47,10 @@ def paper_mlp(
     seed: int = 0,
 ) -> nn.Sequential:
     """The paper's MLP: ``depth`` hidden layers of ``width`` units (P = 256,501 at the defaults)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    # The layers are built on the CPU: CUDA's generators are neither read (that would start
+    # CUDA, which a forked DDP worker cannot do after) nor seeded.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
         layers: list[nn.Module] = []
         fan_in = d_in
         for _ in range(depth):
@@ -62,8 +64,8 @@ def lenet(outputs: int = 1, seed: int = 0) -> nn.Sequential:
     """A LeNet-5-sized CNN for 1 x 28 x 28 inputs (P = 43,661 with one output): Conv2d(1, 6, 5),
     ReLU, MaxPool2d(2), Conv2d(6, 16, 5), ReLU, MaxPool2d(2), Flatten, then Linear 256 -> 120
     -> 84 -> ``outputs`` with ReLUs. Initialised from ``seed`` (the global RNG is left as is)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
         return nn.Sequential(
             nn.Conv2d(1, 6, 5),
             nn.ReLU(),

@@ -658,3 +658,15 @@ def test_limit_train_batches_uses_the_rows_trained_on():
             Regressor(), _loader(x, y, 50, shuffle=True)
         )
     assert cb.decision.n_rows == 200
+
+
+def test_the_batches_trained_on_are_taken_without_touching_the_global_rng():
+    from types import SimpleNamespace
+
+    from remlstop._trainer_data import _trained_batches
+
+    x, y = _data()
+    before = torch.get_rng_state()
+    batches = _trained_batches(SimpleNamespace(num_training_batches=2), _loader(x, y, 50))
+    assert len(batches) == 2
+    assert torch.equal(torch.get_rng_state(), before)

@@ -293,3 +293,18 @@ def test_legacy_tf32_flags_are_turned_off_and_restored(monkeypatch: pytest.Monke
     with _model.full_float32_precision():
         assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
     assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, True)
+
+
+def test_the_example_networks_leave_every_generator_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from remlstop.datasets import lenet, paper_mlp
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("touches CUDA's generators (reading them starts CUDA)")
+
+    for name in ("get_rng_state", "get_rng_state_all", "manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, refuse)
+    before = torch.get_rng_state()
+    a, b = lenet(seed=3), lenet(seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    paper_mlp(width=8, seed=1)
+    assert torch.equal(torch.get_rng_state(), before)
