@@ -1,8 +1,8 @@
 """The stopper's initial spectra, from the dense kernel or from landmark rows (METHOD M4, M10).
 
 Which path runs is decided here once: the dense N x N kernel when its peak fits the memory
-budget (``memory_budget_bytes``, default what the kernel's device has available now) and, on a
-CPU, N is at most ``_DENSE_CPU_MAX_N``; the Nystrom spectrum otherwise (or when
+budget (``memory_budget_bytes``, default what the kernel's device and the CPU have available
+now) and N is at most ``_DENSE_MAX_N``; the Nystrom spectrum otherwise (or when
 ``kernel='nystrom'`` asks for it). Both give the stopper the
 same things: the criteria's spectrum, the test's spectrum, H u0 for the trajectory rule and, for
 refreshes, the dense kernel itself. The Nystrom spectrum comes with its landmark check: the
@@ -40,9 +40,10 @@ __all__ = [
 # The dense decision's peak over the kernel's N^2 x 8 bytes: 1.92 measured at n = 3,000
 # (benchmarks/peak_memory.py), rounded up.
 _DENSE_PEAK = 2.0
-# Above this N a CPU's dense decision takes too long to be a default: 258 s at N = 10,000 on
-# two cores (benchmarks/large_n.py), growing as N^3 (about 35 min at 20,000, 2 h at 30,000).
-_DENSE_CPU_MAX_N = 20_000
+# Above this N the dense decision takes too long to be a default: 258 s at N = 10,000 on two
+# cores (benchmarks/large_n.py), growing as N^3 (about 35 min at 20,000, 2 h at 30,000). On a
+# GPU too: the kernel is computed there, but its eigen-decomposition is LAPACK's, on the host.
+_DENSE_MAX_N = 20_000
 # Landmark columns (m K) by default: 8,192 while the decision's N (m K)^2 flops (C C^T, and
 # about as many for the rows themselves) stay within what they cost at N = 10^5, the scale the
 # issue set (265 s on two cores, benchmarks/large_n.py); fewer beyond, as 1 / sqrt(N), down to
@@ -103,16 +104,16 @@ def _budget(options: StopperOptions, device: torch.device) -> int | None:
 
 def plan(n: int, K: int, options: StopperOptions, device: torch.device) -> tuple[str, int | None]:
     """('dense', None) or ('nystrom', m landmark rows) for n rows of K outputs (M10)."""
-    budget = _budget(options, device)
+    # The spectra are numpy arrays: a dense kernel on a GPU is decomposed in the CPU's memory,
+    # and the Nystrom path's m K x m K matrices live there too.
+    host = _budget(options, torch.device("cpu"))
     path = options.kernel
     if path == "auto":
-        fits = budget is None or dense_peak_bytes(n * K) <= budget
-        quick = device.type != "cpu" or n * K <= _DENSE_CPU_MAX_N
-        path = "dense" if fits and quick else "nystrom"
+        budgets = {host} if device.type == "cpu" else {host, _budget(options, device)}
+        fits = all(b is None or dense_peak_bytes(n * K) <= b for b in budgets)
+        path = "dense" if fits and n * K <= _DENSE_MAX_N else "nystrom"
     if path == "dense":
         return "dense", None
-    # The Nystrom path's m K x m K matrices are numpy arrays: they take the CPU's memory.
-    host = _budget(options, torch.device("cpu"))
     m = options.landmarks or default_landmarks(n, K, host)
     if m >= n:
         raise ValueError(
@@ -189,10 +190,13 @@ def initial_spectra(
             H, info = empirical_ntk(model, X, chunk_size=options.chunk_size, return_info=True)
             seconds["kernel"] = time.perf_counter() - tic
             tic = time.perf_counter()
-            spectrum = KernelSpectrum.from_kernel(H, u0)
+            # Copied off a GPU once, for both spectra.
+            H_host = H.cpu()
+            spectrum = KernelSpectrum.from_kernel(H_host, u0)
             test_spectrum = spectrum
             if covariates is not None:
-                test_spectrum = KernelSpectrum.from_kernel(H, u0, covariates)
+                test_spectrum = KernelSpectrum.from_kernel(H_host, u0, covariates)
+            del H_host
             seconds["spectrum"] = time.perf_counter() - tic
             return InitialSpectra(
                 spectrum=spectrum,

@@ -433,6 +433,23 @@ def test_auto_keeps_a_cpu_on_the_dense_path_up_to_n_20000_only():
     assert plan(10**6, 1, StopperOptions(landmarks=10_000, **tight), cpu) == ("nystrom", 10_000)
 
 
+def test_auto_on_a_gpu_takes_the_dense_path_only_where_the_host_can_decompose_it(monkeypatch):
+    from remlstop import _spectra
+
+    cuda = torch.device("cuda", 0)
+    roomy = StopperOptions(memory_budget_bytes=10**13)
+    assert _spectra.plan(20_000, 1, roomy, cuda) == ("dense", None)
+    assert _spectra.plan(20_001, 1, roomy, cuda) == ("nystrom", 8192)
+    # A card with room for the kernel, a host without room for its 2 x 8 x 10^8 byte spectrum.
+    free = {"cuda": 10**12, "cpu": 10**9}
+    monkeypatch.setattr(_spectra, "_available_bytes", lambda device: free[device.type])
+    assert _spectra.plan(10_000, 1, StopperOptions(), cuda)[0] == "nystrom"
+    free["cpu"] = 2 * 10**9
+    assert _spectra.plan(10_000, 1, StopperOptions(), cuda) == ("dense", None)
+    free["cuda"] = 10**9
+    assert _spectra.plan(10_000, 1, StopperOptions(), cuda)[0] == "nystrom"
+
+
 def test_the_row_gram_is_accumulated_exactly_across_panels_and_blocks(monkeypatch):
     from remlstop import nystrom
 
