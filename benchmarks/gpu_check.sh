@@ -12,15 +12,20 @@
 #
 # Run it from the repository root on the GPU machine, whose python3 holds torch with CUDA, in
 # two commands of at most 6.5 minutes each (results under $OUT, default /tmp/gpu_check); the
-# copy there has no .git, so COMMIT names the commit (`git rev-parse --short HEAD` here):
+# copy there has no .git, so COMMIT names the commit (`git rev-parse --short HEAD` here). Its
+# image lacks fastlmmclib and reaches no package index: first, here, `bash
+# benchmarks/gpu_wheels.sh` (writes .whl/), then each run with `carry: [".whl"]`:
 #
 #   COMMIT=abc1234 STAGES="tests speed scale" bash benchmarks/gpu_check.sh
 #   COMMIT=abc1234 STAGES="million suite" bash benchmarks/gpu_check.sh
 #
+# Every stage's results are kept, also those a stage wrote before it ran out of time (large_n
+# appends each decision to its CSV as it is measured).
+#
 # A smoke test of the script itself on a CPU machine (small sizes, CPU results files rewritten:
 # `git checkout benchmarks/results` afterwards): DEVICE=cpu QUICK=1 PY=.venv/bin/python bash ...
-# Commit what comes back under benchmarks/results/ (ntk_speed_cuda.*, large_n_scale_cuda*.md,
-# large_n_cuda.csv); gpu_check.log names the card, the driver and torch.
+# Commit what comes back under benchmarks/results/ (ntk_speed_cuda.*, large_n_scale_cuda_*.md,
+# large_n_cuda_*.csv); gpu_check.log names the card, the driver and torch.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PY=${PY:-python3}
@@ -34,10 +39,13 @@ LOG="$OUT/gpu_check.log"
 RESULTS=benchmarks/results
 SUFFIX=$([ "$DEVICE" = cpu ] && echo "" || echo "_cuda")
 
-stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, logged, if chosen
+chosen() {  # chosen NAME: whether STAGES names the stage
+    case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac
+}
+
+stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, logged
     local name=$1 limit=$2
     shift 2
-    case " $STAGES " in *" $name "*) ;; *) return 1 ;; esac
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
     local start=$SECONDS
     timeout "$limit" "$@" >>"$LOG" 2>&1
@@ -49,6 +57,18 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, logg
 keep() {  # keep FILE [NAME]: copy a result to $OUT when it exists
     [ -f "$1" ] && cp "$1" "$OUT/${2:-$(basename "$1")}"
 }
+
+# The image's own packages first; the carried wheels only for what it lacks.
+if ! "$PY" -c "import remlstop" >>"$LOG" 2>&1 && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+if ! "$PY" -c "import remlstop" >>"$LOG" 2>&1; then
+    echo "import remlstop failed (see $LOG): bash benchmarks/gpu_wheels.sh here, carry .whl" |
+        tee -a "$LOG"
+    exit 1
+fi
 
 {
     date -u
@@ -67,20 +87,22 @@ else
     SCALE=(10000,30000,100000 1000000)
 fi
 
-stage tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py \
-    tests/test_ntk_conv.py tests/test_ntk_embedding.py tests/test_model.py -k "cuda or device"
-
-if stage speed 150 "$PY" benchmarks/ntk_speed.py --device "$DEVICE" "${SPEED[@]}"; then
+if chosen tests; then
+    stage tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py \
+        tests/test_ntk_conv.py tests/test_ntk_embedding.py tests/test_model.py -k "cuda or device"
+fi
+if chosen speed; then
+    stage speed 150 "$PY" benchmarks/ntk_speed.py --device "$DEVICE" "${SPEED[@]}"
     keep "$RESULTS/ntk_speed$SUFFIX.md"
     keep "$RESULTS/ntk_speed$SUFFIX.csv"
 fi
 for part in scale million; do
+    chosen $part || continue
     n=$([ $part = scale ] && echo "${SCALE[0]}" || echo "${SCALE[1]}")
-    if stage $part 150 "$PY" benchmarks/large_n.py --device "$DEVICE" --accuracy-n "" \
-        --scale-n "$n"; then
-        keep "$RESULTS/large_n_scale$SUFFIX.md" "large_n_scale${SUFFIX}_$part.md"
-        keep "$RESULTS/large_n$SUFFIX.csv"
-    fi
+    stage $part 150 "$PY" benchmarks/large_n.py --device "$DEVICE" --accuracy-n "" --scale-n "$n"
+    keep "$RESULTS/large_n_scale$SUFFIX.md" "large_n_scale${SUFFIX}_$part.md"
+    keep "$RESULTS/large_n$SUFFIX.csv" "large_n${SUFFIX}_$part.csv"
 done
-
-stage suite 200 "$PY" -m pytest -q -p no:cacheprovider tests
+if chosen suite; then
+    stage suite 200 "$PY" -m pytest -q -p no:cacheprovider tests
+fi
