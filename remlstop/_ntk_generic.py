@@ -96,6 +96,14 @@ def _stack_rows(rows: list[tuple[Params, torch.Tensor]]) -> tuple[Params, torch.
     )
 
 
+def _call_rows(rows: int, row_bytes: int, device: torch.device) -> int:
+    """Rows per vmap(jacrev) call of :func:`_jacobian_rows` in a chunk of ``rows`` rows whose
+    Jacobian takes ``row_bytes`` a row: ``_JACREV_BYTES`` worth on a CPU, all on a GPU."""
+    if device.type != "cpu":
+        return rows
+    return min(rows, max(1, _JACREV_BYTES // row_bytes))
+
+
 def _jacobian_rows(
     jac_fn: JacobianFn,
     free: Params,
@@ -105,15 +113,16 @@ def _jacobian_rows(
 ) -> torch.Tensor:
     """Write the (rows·K) × P_group block of J for the rows of ``x`` into ``out`` (M1 order).
 
-    vmap(jacrev) runs on sub-chunks of at most ``_JACREV_BYTES`` of Jacobian: its transients
-    stay small enough for the allocator to reuse, where chunk-sized fresh allocations would be
-    page-faulted in again on every call (measured: slower than the products on small machines).
-    Entries are computed in the model's dtype and cast to ``out``'s dtype by the copy.
+    On a CPU vmap(jacrev) runs on sub-chunks of at most ``_JACREV_BYTES`` of Jacobian: its
+    transients stay small enough for glibc to reuse, where chunk-sized fresh allocations would
+    be page-faulted in again on every call (measured: slower than the products on small
+    machines). A GPU's caching allocator reuses any size: there the chunk is one call, and one
+    host synchronisation for its outputs' check. Entries are computed in the model's dtype and
+    cast to ``out``'s dtype by the copy.
     """
     rows = x.shape[0]
-    width = out.shape[1]
     itemsize = next(iter(free.values())).element_size()
-    step = max(1, _JACREV_BYTES // (K * width * itemsize))
+    step = _call_rows(rows, K * out.shape[1] * itemsize, x.device)
     block = out[: rows * K]
     with torch.no_grad():
         for r0 in range(0, rows, step):
@@ -312,9 +321,11 @@ def work_bytes(
     K: int,
     work_itemsize: int,
     itemsize: int,
+    device: torch.device,
 ) -> int:
-    """Working memory (bytes) of :func:`kernel` (see :func:`_blocks`): the rows of the two
-    Jacobian chunk buffers that get written, a vmap(jacrev) sub-chunk and the product tiles."""
+    """Working memory (bytes) of :func:`kernel` (see :func:`_blocks`) with the model on
+    ``device``: the rows of the two Jacobian chunk buffers that get written, a vmap(jacrev)
+    call's Jacobian (:func:`_call_rows`) and the product tiles."""
     longest = max(n, n2 or 0)
     peak = 0
     for names, rows_used in layout:
@@ -329,7 +340,8 @@ def work_bytes(
         else:  # _gram forms the next tile while the previous one is still held
             tiles = m * m * (2 * itemsize + work_itemsize)
         jacobians = (rows + second) * K * width * work_itemsize
-        peak = max(peak, jacobians + _JACREV_BYTES + tiles)
+        call = _call_rows(rows, K * width * work_itemsize, device) * K * width * work_itemsize
+        peak = max(peak, jacobians + call + tiles)
     return peak
 
 

@@ -350,17 +350,16 @@ def empirical_ntk(
         x2: optional test inputs, shape (n2, ...) with the feature shape of ``x``.
         chunk_size: rows of the inputs per chunk (Jacobian chunk on the generic path, Gram
             tile on the layerwise path); default from ``memory_budget_bytes``.
-        memory_budget_bytes: bound in bytes on one chunk, default
-            ``DEFAULT_MEMORY_BUDGET_BYTES`` (1 GiB). Generic path: one chunk is rows·K·P
-            values in the working dtype (the model's, at least float32 and at most ``dtype``:
-            4 bytes for a float32 model); two chunks are alive at once (one when a chunk holds
-            all rows) and ``vmap(jacrev)`` runs on sub-chunks of 24 MiB of Jacobian, so the peak
-            is about the kernel (8·N·N2 bytes) + 2 × budget + 24 MiB + that sub-chunk's
-            activations + one tile of products; parameters are split into groups when even one
-            row exceeds the budget. Layerwise path: the peak is about the kernel + budget + the
-            per-layer features, n·(Σ d_in + K·Σ d_out) values for the Linear layers and n·K·P_conv
-            (the trainable parameters of the Conv2d and Embedding layers) for the others, in the
-            model's dtype.
+        memory_budget_bytes: bound in bytes on one chunk, default ``DEFAULT_MEMORY_BUDGET_BYTES``
+            (1 GiB). Generic path: one chunk is rows·K·P values in the working dtype (the model's,
+            at least float32 and at most ``dtype``: 4 bytes for a float32 model); two chunks are
+            alive at once (one when a chunk holds all rows) and ``vmap(jacrev)`` runs on sub-chunks
+            of 24 MiB of Jacobian on a CPU (the whole chunk on a GPU), so the peak is about the
+            kernel (8·N·N2 bytes) + 2 × budget + that sub-chunk + its activations + one tile of
+            products; parameters are split into groups when even one row exceeds the budget.
+            Layerwise path: the peak is about the kernel + budget + the per-layer features, n·(Σ
+            d_in + K·Σ d_out) values for the Linear layers and n·K·P_conv (the trainable parameters
+            of the Conv2d and Embedding layers) for the others, in the model's dtype.
             With ``path="auto"`` a model whose layer-wise features do not fit where the generic
             backend's chunks do takes the generic path.
         memory_limit_bytes: bytes the kernel and this working memory may take on each device
@@ -432,7 +431,10 @@ def empirical_ntk(
 
         work = generic.work_dtype(model_dtype, dtype)
         layout = generic.layout(params, K, chunk_size, budget, work.itemsize)
-        need = needs(generic.work_bytes(layout, params, n, n2, K, work.itemsize, itemsize))
+        generic_work = generic.work_bytes(
+            layout, params, n, n2, K, work.itemsize, itemsize, x.device
+        )
+        need = needs(generic_work)
         if backend.path == "layerwise":
             rows = chunk_size or layerwise.tile_rows(n, K, budget, itemsize)
             layerwise_need = needs(

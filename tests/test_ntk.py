@@ -541,3 +541,13 @@ def test_running_out_of_memory_under_vmap_is_not_taken_for_a_missing_batching_ru
         warnings.simplefilter("error")  # no "one row at a time" fallback warning
         with pytest.raises(torch.OutOfMemoryError, match="simulated"):
             empirical_ntk(Hungry(), torch.randn(4, 3), path="generic")
+
+
+def test_vmap_jacrev_is_sub_chunked_on_a_cpu_only():
+    from remlstop._ntk_generic import _JACREV_BYTES, _call_rows
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert _call_rows(1000, 2**20, cpu) == _JACREV_BYTES // 2**20 == 24
+    assert _call_rows(10, 2**20, cpu) == 10
+    assert _call_rows(1000, 2**30, cpu) == 1
+    assert _call_rows(1000, 2**20, cuda) == 1000  # the caching allocator reuses any size
