@@ -284,6 +284,12 @@ def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
             "the model's parameters are on the meta device and hold no values; materialise "
             "them (e.g. model.to_empty(device=...) and load weights) first."
         )
+    if first.device.type == "mps":
+        raise ValueError(
+            "the model is on Apple's MPS device, which has no float64; remlstop forms the kernel "
+            "(METHOD M1) and its statistics in float64 on the model's device. Run the model and "
+            "data on the CPU (model.cpu(); Lightning: accelerator='cpu') or on a CUDA GPU."
+        )
     return first.device, first.dtype if first.is_floating_point() else None
 
 

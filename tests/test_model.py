@@ -211,6 +211,20 @@ def test_device_dtype() -> None:
         _model.device_dtype(nn.Linear(2, 1, device="meta"))
 
 
+def test_a_model_on_mps_is_refused_with_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No MPS here: a parameter that says it lives there is enough for the check.
+    class OnMPS:
+        device, dtype, requires_grad = torch.device("mps"), torch.float32, True
+
+        def is_floating_point(self) -> bool:
+            return True
+
+    model = nn.Linear(2, 1)
+    monkeypatch.setattr(model, "parameters", lambda: iter([OnMPS()]))
+    with pytest.raises(ValueError, match=r"MPS device, which has no float64.*model\.cpu\(\)"):
+        _model.device_dtype(model)
+
+
 class FakeGenerator:
     def __init__(self) -> None:
         self.seeded: list[int] = []

@@ -239,6 +239,17 @@ def test_refresh_records_drift_and_warns_past_the_threshold():
     assert stopper.t_target == refresh[0].t_hat
 
 
+def test_kernel_drift_in_row_blocks_is_the_relative_frobenius_change():
+    from remlstop.stopper import _kernel_drift
+
+    g = torch.Generator().manual_seed(0)
+    H0 = torch.randn(37, 37, generator=g, dtype=torch.float64)
+    H = H0 + 0.1 * torch.randn(37, 37, generator=g, dtype=torch.float64)
+    expected = float(torch.linalg.norm(H - H0) / torch.linalg.norm(H0))
+    for rows in (1, 5, 37, 1024):
+        assert _kernel_drift(H, H0, rows=rows) == pytest.approx(expected, rel=1e-12)
+
+
 def test_dataloader_and_max_samples():
     x, y, _, _ = paper_simple_function(n=300, n_train=240)
     loader = torch.utils.data.DataLoader(
