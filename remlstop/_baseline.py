@@ -29,6 +29,9 @@ def _spectrum_state(spectrum: KernelSpectrum) -> dict[str, Any]:
         "n_fixed": spectrum.n_fixed,
         "clipped_mass": spectrum.clipped_mass,
         "approximation": None if approximation is None else dataclasses.asdict(approximation),
+        "multiplicity": (
+            None if spectrum.multiplicity is None else torch.from_numpy(spectrum.multiplicity)
+        ),
     }
 
 
@@ -38,6 +41,7 @@ def _spectrum_from_state(state: dict[str, Any]) -> KernelSpectrum:
         state["z"].numpy(),
         n_fixed=state["n_fixed"],
         clipped_mass=state["clipped_mass"],
+        multiplicity=None if state.get("multiplicity") is None else state["multiplicity"].numpy(),
     )
     saved = state.get("approximation")
     return (

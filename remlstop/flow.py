@@ -1,9 +1,9 @@
 """The spectral quantities of the linearised gradient flow: the one home (METHOD M2, M4, M9).
 
-Every function reads a :class:`~remlstop.spectrum.KernelSpectrum` (eigenvalues lambda_j and
-z = V^T u0) and a gradient-flow time ``t``. Weights w_j(t) = z_j^2 exp(-t lambda_j) are handled
-in log space with the largest term factored out, so nothing underflows at large t. The stopper,
-the criteria, the plots and the benchmark read these; none recomputes them.
+Every function reads a :class:`~remlstop.spectrum.KernelSpectrum` (eigenvalues lambda_j, z = V^T u0
+and the counts c_j of directions per entry) and a gradient-flow time ``t``. Weights w_j(t) = z_j^2
+exp(-t lambda_j) are handled in log space with the largest term factored out, so nothing underflows
+at large t. The stopper, the criteria, the plots and the benchmark read these; none recomputes them.
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def weighted_mean_eigenvalue(spectrum: KernelSpectrum, t: float) -> float:
 
 
 def effective_df(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
-    """df(t) = sum_j (1 - exp(-t lambda_j)) (METHOD M4), t in gradient-flow time units."""
+    """df(t) = sum_j c_j (1 - exp(-t lambda_j)) (METHOD M4), t in gradient-flow time units."""
     t_arr = np.asarray(t, dtype=np.float64)
-    out = np.sum(-np.expm1(-np.multiply.outer(t_arr, spectrum.eigenvalues)), axis=-1)
-    return float(out) if out.ndim == 0 else out
+    out = spectrum.count_sum(-np.expm1(-np.multiply.outer(t_arr, spectrum.eigenvalues)))
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def log_residual_norm2(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
@@ -93,11 +93,13 @@ def log_residual_norm2(spectrum: KernelSpectrum, t: float | np.ndarray) -> float
 
 
 def log_residual_dof(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
-    """log (m - df(t)) = log sum_j exp(-t lambda_j), so nothing cancels at large t (M9).
+    """log (m - df(t)) = log sum_j c_j exp(-t lambda_j), so nothing cancels at large t (M9).
 
     Vectorised over t (flow time)."""
     tl = np.multiply.outer(np.asarray(t, dtype=np.float64), spectrum.eigenvalues)
-    return logsumexp(-tl, axis=-1)
+    if spectrum.multiplicity is None:
+        return logsumexp(-tl, axis=-1)
+    return logsumexp(np.log(spectrum.counts) - tl, axis=-1)
 
 
 def check_dt(dt_per_step: float) -> float:

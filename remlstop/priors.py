@@ -73,7 +73,7 @@ def prior_loglik(spectrum: KernelSpectrum, log1pk: np.ndarray) -> tuple[float, f
     """(restricted log-likelihood, sigma2-hat) of u0 ~ N(0, sigma2 (I + K)) (METHOD M9).
 
     sigma2 profiled out. Without fixed effects REML = ML:
-    l = -(m/2) log(sum_j z_j^2/(1 + k_j) / m) - 1/2 sum_j log(1 + k_j) - (m/2)(1 + log 2 pi).
+    l = -(m/2) log(sum_j z_j^2/(1 + k_j) / m) - 1/2 sum_j c_j log(1 + k_j) - (m/2)(1 + log 2 pi).
     With fixed effects W = V^T Q (``spectrum.fixed_effects``), d_j = 1/(1 + k_j), m = N - q:
     u0^T P u0 = sum d z^2 - b^T A^{-1} b, A = W^T diag(d) W, b = W^T (d z), and
     l_R = -(m/2) log(u0^T P u0 / m) - 1/2 sum log(1 + k) - 1/2 log|A| - (m/2)(1 + log 2 pi).
@@ -107,7 +107,7 @@ def _loglik_rows(spectrum: KernelSpectrum, log1pk: np.ndarray) -> tuple[np.ndarr
     with np.errstate(invalid="ignore"):
         values = (
             -0.5 * m * log_sigma2
-            - 0.5 * np.sum(log1pk, axis=1)
+            - 0.5 * spectrum.count_sum(log1pk)
             - 0.5 * log_det
             - 0.5 * m * (1.0 + math.log(2.0 * math.pi))
         )
@@ -118,7 +118,7 @@ def _loglik_rows(spectrum: KernelSpectrum, log1pk: np.ndarray) -> tuple[np.ndarr
 def bayes_risk(
     spectrum: KernelSpectrum, log1pk: np.ndarray, t: float | np.ndarray
 ) -> float | np.ndarray:
-    """R(t) = sum_j [k_j e^{-2 t lambda_j} + (1 - e^{-t lambda_j})^2] (METHOD M9), sigma2 units.
+    """R(t) = sum_j c_j [k_j e^{-2 t lambda_j} + (1 - e^{-t lambda_j})^2] (M9), sigma2 units.
 
     The Bayes in-sample risk of the gradient-descent smoother at flow time t under the prior
     log(1 + k_j) = ``log1pk``; vectorised over t.
@@ -129,8 +129,8 @@ def bayes_risk(
     with np.errstate(over="ignore", invalid="ignore"):
         signal = np.exp(log1pk - 2.0 * tl) - np.exp(-2.0 * tl)
         signal = np.where(log1pk == 0.0, 0.0, signal)
-    out = np.sum(signal + np.expm1(-tl) ** 2, axis=-1)
-    return float(out) if out.ndim == 0 else out
+    out = spectrum.count_sum(signal + np.expm1(-tl) ** 2)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def bayes_risk_stop_time(spectrum: KernelSpectrum, log1pk: np.ndarray) -> float:

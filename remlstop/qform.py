@@ -1,9 +1,10 @@
 """Upper tail probabilities of quadratic forms in standard normals (METHOD M5).
 
-Q = sum_j c_j X_j with X_j independent chi-square(1). The exact tail P(Q > q) is computed with
-Davies' algorithm (``fastlmmclib.quadform.qf``); where Davies faults or returns a probability
-below its own accuracy, a Lugannani-Rice saddlepoint approximation (implemented here) is used.
-The two-moment Satterthwaite approximation is provided for comparison only.
+Q = sum_j c_j X_j with X_j independent chi-square(n_j), n_j = 1 unless ``dof`` says otherwise (a
+repeated coefficient is one term with its count as degrees of freedom). The exact tail P(Q > q) is
+computed with Davies' algorithm (``fastlmmclib.quadform.qf``); where Davies faults or returns a
+probability below its own accuracy, a Lugannani-Rice saddlepoint approximation (implemented here) is
+used. The two-moment Satterthwaite approximation is provided for comparison only.
 """
 
 from __future__ import annotations
@@ -46,20 +47,34 @@ def _coefficients(coeffs: np.ndarray | list[float]) -> np.ndarray:
     return c
 
 
-def davies(coeffs: np.ndarray, q: float = 0.0) -> tuple[float, int]:
-    """Davies' P(sum_j c_j chi2_1 > q) and its fault code (0 = fine)."""
+def _dof(dof: np.ndarray | None, c: np.ndarray) -> np.ndarray:
+    """Degrees of freedom n_j >= 1 per coefficient, as float64 (ones when None)."""
+    if dof is None:
+        return np.ones(c.size)
+    n = np.asarray(dof, dtype=np.float64).reshape(-1)
+    if n.shape != c.shape or not np.all((n >= 1) & (n < 2**31) & (n == np.round(n))):
+        raise ValueError(
+            f"dof must hold {c.size} integer degrees of freedom in [1, 2^31), one per "
+            f"coefficient; got shape {n.shape}."
+        )
+    return n
+
+
+def davies(coeffs: np.ndarray, q: float = 0.0, dof: np.ndarray | None = None) -> tuple[float, int]:
+    """Davies' P(sum_j c_j chi2_{n_j} > q) and its fault code (0 = fine)."""
     c = _coefficients(coeffs)
-    p, fault, _ = _davies_qf(float(q), c, acc=_DAVIES_ACC, lim=1_000_000)
+    n = _dof(dof, c).astype(np.int32)  # the C routine's type
+    p, fault, _ = _davies_qf(float(q), c, dof=n, acc=_DAVIES_ACC, lim=1_000_000)
     return float(p), int(fault)
 
 
-def _saddle_parts(c: np.ndarray, q: float) -> tuple[float, float, float]:
+def _saddle_parts(c: np.ndarray, q: float, n: np.ndarray) -> tuple[float, float, float]:
     """Saddlepoint s-hat solving K'(s) = q, with K(s-hat) and K''(s-hat)."""
     lo = 0.5 / c.min() if c.min() < 0 else -np.inf
     hi = 0.5 / c.max() if c.max() > 0 else np.inf
 
     def k1(s: float) -> float:
-        return float(np.sum(c / (1.0 - 2.0 * s * c))) - q
+        return float(np.sum(n * c / (1.0 - 2.0 * s * c))) - q
 
     # K' runs from -inf to +inf across (lo, hi); shrink towards the poles until signs differ.
     a = lo * (1 - 1e-12) if np.isfinite(lo) else -1.0
@@ -70,23 +85,25 @@ def _saddle_parts(c: np.ndarray, q: float) -> tuple[float, float, float]:
         b *= 2.0
     s = optimize.brentq(k1, a, b, xtol=1e-300, rtol=8.9e-16, maxiter=1000)
     one = 1.0 - 2.0 * s * c
-    K = float(-0.5 * np.sum(np.log(one)))
-    K2 = float(np.sum(2.0 * c**2 / one**2))
+    K = float(-0.5 * np.sum(n * np.log(one)))
+    K2 = float(np.sum(2.0 * n * c**2 / one**2))
     return s, K, K2
 
 
-def saddlepoint(coeffs: np.ndarray, q: float = 0.0) -> float:
-    """Lugannani-Rice saddlepoint approximation of P(sum_j c_j chi2_1 > q)."""
+def saddlepoint(coeffs: np.ndarray, q: float = 0.0, dof: np.ndarray | None = None) -> float:
+    """Lugannani-Rice saddlepoint approximation of P(sum_j c_j chi2_{n_j} > q)."""
     c = _coefficients(coeffs)
-    c = c[c != 0]
+    n = _dof(dof, c)
+    keep = c != 0
+    c, n = c[keep], n[keep]
     if c.size == 0:
         return 0.0 if q >= 0 else 1.0
-    mean = float(c.sum())
-    sd = math.sqrt(2.0 * float(np.sum(c**2)))
+    mean = float(np.dot(n, c))
+    sd = math.sqrt(2.0 * float(np.dot(n, c**2)))
     if abs(q - mean) < 1e-6 * sd:
         # At the mean the formula is 0/0; the normal limit holds to first order there.
         return float(stats.norm.sf((q - mean) / sd))
-    s, K, K2 = _saddle_parts(c, q)
+    s, K, K2 = _saddle_parts(c, q, n)
     w = math.copysign(math.sqrt(max(2.0 * (s * q - K), 0.0)), s)
     v = s * math.sqrt(K2)
     if w == 0.0 or v == 0.0:
@@ -106,19 +123,23 @@ def satterthwaite(trace_m: float, trace_m2: float, statistic: float) -> float:
     return float(stats.chi2.sf(statistic / kappa, nu))
 
 
-def qform_tail(coeffs: np.ndarray, q: float = 0.0) -> TailProbability:
-    """Exact P(sum_j c_j chi2_1 > q): Davies, with the saddlepoint where Davies cannot answer."""
+def qform_tail(
+    coeffs: np.ndarray, q: float = 0.0, dof: np.ndarray | None = None
+) -> TailProbability:
+    """Exact P(sum_j c_j chi2_{n_j} > q) (``dof``: the n_j, default 1): Davies, with the
+    saddlepoint where Davies cannot answer."""
     c = _coefficients(coeffs)
+    n = _dof(dof, c)
     if np.all(c <= 0) and q >= 0:
         return TailProbability(0.0, "exact", "all weights <= 0")
     if np.all(c >= 0) and q < 0:
         return TailProbability(1.0, "exact", "all weights >= 0")
-    p, fault = davies(c, q)
+    p, fault = davies(c, q, n)
     if fault != 0:
         reason = _DAVIES_FAULTS.get(fault, f"fault {fault}")
-        return TailProbability(saddlepoint(c, q), "saddlepoint", f"Davies: {reason}")
+        return TailProbability(saddlepoint(c, q, n), "saddlepoint", f"Davies: {reason}")
     if p < _DAVIES_FLOOR:
         return TailProbability(
-            saddlepoint(c, q), "saddlepoint", f"Davies p = {p:.2g} below its accuracy"
+            saddlepoint(c, q, n), "saddlepoint", f"Davies p = {p:.2g} below its accuracy"
         )
     return TailProbability(min(max(p, 0.0), 1.0), "davies")

@@ -35,7 +35,8 @@ _REACH = 690.0
 
 
 def profile_loglik(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | np.ndarray:
-    """Profile log-likelihood l(t) = -(m/2) log sigma2(t) - (t/2) sum lambda - (m/2)(1 + log 2 pi).
+    """Profile log-likelihood l(t) = -(m/2) log sigma2(t) - (t/2) sum_j c_j lambda_j
+    - (m/2)(1 + log 2 pi).
 
     METHOD M4, with sigma2(t) = (1/m) sum_j w_j(t); vectorised over t (gradient-flow time).
     """
@@ -46,7 +47,7 @@ def profile_loglik(spectrum: KernelSpectrum, t: float | np.ndarray) -> float | n
     log_sigma2 = logsumexp(a, axis=1) - math.log(m)
     value = (
         -0.5 * m * log_sigma2
-        - 0.5 * t_arr.reshape(-1) * spectrum.eigenvalues.sum()
+        - 0.5 * t_arr.reshape(-1) * spectrum.count_sum(spectrum.eigenvalues)
         - 0.5 * m * (1.0 + math.log(2.0 * math.pi))
     )
     return float(value[0]) if t_arr.ndim == 0 else value.reshape(t_arr.shape)

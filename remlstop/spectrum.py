@@ -8,6 +8,7 @@ when covariates Z are given, from the kernel compressed to the complement of Z (
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -181,6 +182,11 @@ class KernelSpectrum:
             variance-component test needs the compressed one (``covariates=``) instead.
         approximation: None for a spectrum of the dense kernel; how a large-N spectrum was
             obtained otherwise (:class:`remlstop.nystrom.SpectrumApproximation`, METHOD M10).
+        multiplicity: None (every eigenvalue once), or (m',) int64 counts c_j >= 1 with
+            sum c_j = m: entry j stands for c_j directions of eigenvalue lambda_j, and z_j^2 is
+            the residual's energy summed over them. Every statistic is a sum of f(lambda_j)
+            z_j^2 or of c_j g(lambda_j), so a cluster of equal eigenvalues (the Nystrom tail,
+            M10) costs one entry, not N. Not with ``fixed_effects``.
     """
 
     eigenvalues: np.ndarray = field(repr=False)
@@ -191,6 +197,33 @@ class KernelSpectrum:
     clipped_mass: float
     fixed_effects: np.ndarray | None = field(default=None, repr=False)
     approximation: SpectrumApproximation | None = None
+    multiplicity: np.ndarray | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        """c_j as float64, shape (m',): ones without ``multiplicity``."""
+        if self.multiplicity is None:
+            return np.ones(self.eigenvalues.size)
+        return self.multiplicity.astype(np.float64)
+
+    def count_sum(self, values: np.ndarray) -> np.ndarray | float:
+        """sum_j c_j values[..., j]: a sum over the directions, not over the entries."""
+        if self.multiplicity is None:
+            return values.sum(axis=-1)
+        return values @ self.counts
+
+    def expanded(self) -> KernelSpectrum:
+        """The same spectrum with one entry per direction: entry j repeated c_j times, its
+        energy z_j^2 spread evenly over them. Every statistic is unchanged."""
+        if self.multiplicity is None:
+            return self
+        c = self.multiplicity
+        return dataclasses.replace(
+            self,
+            eigenvalues=np.repeat(self.eigenvalues, c),
+            z=np.repeat(self.z / np.sqrt(c), c),
+            multiplicity=None,
+        )
 
     def with_approximation(self, approximation: SpectrumApproximation) -> KernelSpectrum:
         """This spectrum, marked as computed by a large-N approximation (METHOD M10)."""
@@ -209,7 +242,7 @@ class KernelSpectrum:
     @property
     def mean_eigenvalue(self) -> float:
         """lambda-bar = tr(M) / m (METHOD M4), from the clipped eigenvalues."""
-        return float(self.eigenvalues.sum() / self.dim)
+        return float(self.count_sum(self.eigenvalues) / self.dim)
 
     @property
     def residual_norm2(self) -> float:
@@ -225,18 +258,40 @@ class KernelSpectrum:
         n_fixed: int = 0,
         clipped_mass: float = 0.0,
         fixed_effects: ArrayLike | None = None,
+        multiplicity: ArrayLike | None = None,
     ) -> KernelSpectrum:
-        """Build from eigenvalues (m,) and projections z (m,) computed elsewhere (e.g. Lanczos).
+        """Build from eigenvalues (m',) and projections z (m',) computed elsewhere (e.g. Lanczos).
 
-        ``fixed_effects``: W = V^T Q, (m, q) with orthonormal columns, for REML (M9)."""
+        ``fixed_effects``: W = V^T Q, (m, q) with orthonormal columns, for REML (M9).
+        ``multiplicity``: (m',) integer counts c_j >= 1, entry j standing for c_j directions of
+        eigenvalue lambda_j with energy z_j^2 among them (see the class); not with
+        ``fixed_effects``."""
         lam = as_float64_vector(eigenvalues, "eigenvalues")
         zz = as_float64_vector(z, "z")
         if lam.shape != zz.shape:
             raise ValueError(
                 f"eigenvalues have {lam.size} entries but z has {zz.size}; they must match."
             )
-        if lam.size < 3:
-            raise ValueError(f"{lam.size} eigenvalues given; at least 3 are needed.")
+        counts = None
+        if multiplicity is not None:
+            counts = np.asarray(_to_numpy(multiplicity)).reshape(-1)
+            integral = np.issubdtype(counts.dtype, np.integer) or (
+                np.issubdtype(counts.dtype, np.floating) and np.all(np.mod(counts, 1) == 0)
+            )
+            if counts.shape != lam.shape or not integral or counts.min() < 1:
+                raise ValueError(
+                    f"multiplicity must hold {lam.size} integer counts >= 1, one per eigenvalue; "
+                    f"got shape {counts.shape}, dtype {counts.dtype}."
+                )
+            if fixed_effects is not None:
+                raise ValueError(
+                    "multiplicity and fixed_effects cannot be combined: W = V^T Q needs one row "
+                    "per direction. Pass the expanded spectrum."
+                )
+            counts = counts.astype(np.int64)
+        total = lam.size if counts is None else int(counts.sum())
+        if total < 3:
+            raise ValueError(f"{total} eigenvalues given; at least 3 are needed.")
         if lam.min() < 0:
             raise ValueError(
                 f"eigenvalues must be >= 0 (a kernel is PSD), smallest is {lam.min():.3g}."
@@ -261,11 +316,12 @@ class KernelSpectrum:
         return cls(
             eigenvalues=lam[order],
             z=zz[order],
-            n_obs=lam.size + int(n_fixed),
+            n_obs=total + int(n_fixed),
             n_fixed=int(n_fixed),
-            trace=float(lam.sum()),
+            trace=float(lam.sum() if counts is None else lam @ counts),
             clipped_mass=float(clipped_mass),
             fixed_effects=W,
+            multiplicity=None if counts is None else counts[order],
         )
 
     @classmethod

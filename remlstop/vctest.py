@@ -88,9 +88,11 @@ def variance_component_test(
     mu = spectrum.eigenvalues
     z2 = spectrum.z**2
     statistic = float(np.dot(mu, z2) / z2.sum())
-    tail = qform_tail(mu - statistic, 0.0)
+    tail = qform_tail(mu - statistic, 0.0, dof=spectrum.multiplicity)
     m = spectrum.dim
-    p_satt = satterthwaite(float(mu.sum()), float(np.dot(mu, mu)), 0.5 * m * statistic)
+    p_satt = satterthwaite(
+        float(spectrum.count_sum(mu)), float(spectrum.count_sum(mu * mu)), 0.5 * m * statistic
+    )
     return VarianceComponentTest(
         statistic=statistic,
         null_mean=spectrum.mean_eigenvalue,

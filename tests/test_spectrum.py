@@ -117,3 +117,103 @@ def test_from_eigen_validates_and_sorts():
         KernelSpectrum.from_eigen([-1.0, 1.0, 2.0], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="must match"):
         KernelSpectrum.from_eigen([1.0, 1.0, 2.0], [1.0, 1.0])
+
+
+def _clustered(seed: int, cluster: int = 400, resolved: int = 30, fixed: int = 0):
+    """A spectrum like the Nystrom path's: resolved eigenvalues plus one cluster of equal ones,
+    as entries with multiplicity and expanded to one entry per direction."""
+    rng = np.random.default_rng(seed)
+    lam = np.sort(rng.gamma(0.7, 3.0, resolved)) + 0.05
+    z = rng.standard_normal(resolved) * np.sqrt(1.0 + lam)
+    tail_lam, tail_energy = 0.02, 0.8 * cluster
+    compressed = KernelSpectrum.from_eigen(
+        np.append(lam, tail_lam),
+        np.append(z, np.sqrt(tail_energy)),
+        n_fixed=fixed,
+        multiplicity=np.append(np.ones(resolved, dtype=int), cluster),
+    )
+    expanded = KernelSpectrum.from_eigen(
+        np.append(lam, np.full(cluster, tail_lam)),
+        np.append(z, np.full(cluster, np.sqrt(tail_energy / cluster))),
+        n_fixed=fixed,
+    )
+    return compressed, expanded
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_cluster_as_one_entry_gives_every_statistic_of_its_expanded_spectrum(seed):
+    from remlstop import flow, gcv, priors, reml
+    from remlstop.criteria import evaluate_criteria
+    from remlstop.vctest import variance_component_test
+
+    compressed, expanded = _clustered(seed)
+    assert compressed.eigenvalues.size == 31 and expanded.eigenvalues.size == 430
+    for attr in ("dim", "n_obs", "mean_eigenvalue", "residual_norm2", "trace"):
+        assert getattr(compressed, attr) == pytest.approx(getattr(expanded, attr), rel=1e-12)
+    ts = np.array([0.0, 0.03, 0.4, 5.0, 80.0])
+    for fn in (
+        flow.effective_df,
+        flow.log_residual_norm2,
+        flow.log_residual_dof,
+        gcv.log_gcv,
+        reml.profile_loglik,
+    ):
+        np.testing.assert_allclose(fn(compressed, ts), fn(expanded, ts), rtol=1e-11, atol=1e-13)
+    log1pk = [priors.log1p_prior_variances(s, "linear", {"a": 2.0}) for s in (compressed, expanded)]
+    assert priors.prior_loglik(compressed, log1pk[0]) == pytest.approx(
+        priors.prior_loglik(expanded, log1pk[1]), rel=1e-12
+    )
+    np.testing.assert_allclose(
+        priors.bayes_risk(compressed, log1pk[0], ts),
+        priors.bayes_risk(expanded, log1pk[1], ts),
+        rtol=1e-12,
+    )
+    a, b = evaluate_criteria(compressed), evaluate_criteria(expanded)
+    assert a.auto_choice == b.auto_choice and a.misfit == pytest.approx(b.misfit, rel=1e-9)
+    # Equal up to the optimisers' tolerances (the sums differ in their last bits; the power
+    # family's flat likelihood in b moves its stop by up to 2e-6).
+    for name, fit in b.fits.items():
+        assert a.fits[name].t == pytest.approx(fit.t, rel=1e-5), name
+        for end, want in zip(getattr(a.fits[name], "interval", ()), getattr(fit, "interval", ())):
+            assert end == pytest.approx(want, rel=1e-5, nan_ok=True), name
+    ta, tb = variance_component_test(compressed), variance_component_test(expanded)
+    assert ta.statistic == pytest.approx(tb.statistic, rel=1e-12)
+    assert ta.pvalue == pytest.approx(tb.pvalue, rel=1e-6, abs=1e-12)
+    assert ta.pvalue_satterthwaite == pytest.approx(tb.pvalue_satterthwaite, rel=1e-9)
+
+
+def test_a_compressed_covariate_spectrum_with_a_cluster_matches_its_expansion():
+    from remlstop.criteria import evaluate_criteria
+    from remlstop.priors import fit_prior
+    from remlstop.vctest import variance_component_test
+
+    compressed, expanded = _clustered(3, fixed=2)
+    assert compressed.dim == expanded.dim == 430 and compressed.n_obs == 432
+    fa, fb = fit_prior(compressed, "linear"), fit_prior(expanded, "linear")
+    assert fa.t == pytest.approx(fb.t, rel=1e-6) and fa.df == pytest.approx(fb.df, rel=1e-6)
+    assert variance_component_test(compressed).pvalue == pytest.approx(
+        variance_component_test(expanded).pvalue, rel=1e-6, abs=1e-12
+    )
+    with pytest.raises(ValueError):
+        evaluate_criteria(compressed)  # the exp prior refuses a compressed spectrum, as expanded
+
+
+def test_expanded_spreads_each_entry_over_its_directions():
+    compressed, expanded = _clustered(4)
+    again = compressed.expanded()
+    assert again.multiplicity is None and expanded.expanded() is expanded
+    np.testing.assert_allclose(again.eigenvalues, expanded.eigenvalues, rtol=0)
+    np.testing.assert_allclose(again.z, expanded.z, rtol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "multiplicity, match",
+    [([1, 2], "3 integer counts"), ([1, 0, 2], "3 integer counts"), ([1, 1.5, 2], "integer")],
+)
+def test_a_bad_multiplicity_is_refused(multiplicity, match):
+    with pytest.raises(ValueError, match=match):
+        KernelSpectrum.from_eigen([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], multiplicity=multiplicity)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        KernelSpectrum.from_eigen(
+            [1.0, 2.0, 3.0, 4.0], [1.0] * 4, multiplicity=[1] * 4, fixed_effects=np.eye(4, 1)
+        )

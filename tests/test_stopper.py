@@ -1,6 +1,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -378,6 +379,24 @@ def test_test_covariates_survive_a_resume():
     resumed.load_state_dict(state)
     again = resumed.start()
     assert again.test.n_fixed == 1
+    assert again.test.pvalue == pytest.approx(decision.test.pvalue, rel=1e-12)
+
+
+def test_a_nystrom_decision_survives_a_resume_with_its_cluster_as_one_entry():
+    model, opt, stopper, x, y = _setup(seed=7, criterion="reml-linear", kernel="nystrom")
+    decision = stopper.start()
+    spectrum = decision.fit.spectrum
+    approx = spectrum.approximation
+    assert spectrum.multiplicity is not None and spectrum.eigenvalues.size == approx.rank + 1
+    assert spectrum.multiplicity.max() == approx.tail_count and spectrum.dim == 200
+    buf = __import__("io").BytesIO()
+    torch.save(stopper.state_dict(), buf)
+    buf.seek(0)
+    resumed = REMLStopper(model, x, y, optimizer=opt, criterion="reml-linear", kernel="nystrom")
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    again = resumed.start()
+    np.testing.assert_array_equal(again.fit.spectrum.multiplicity, spectrum.multiplicity)
+    assert again.fit.t == pytest.approx(decision.fit.t, rel=1e-12)
     assert again.test.pvalue == pytest.approx(decision.test.pvalue, rel=1e-12)
 
 
