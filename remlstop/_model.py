@@ -174,15 +174,24 @@ def _precision_handles() -> list[Any]:
 
 @contextlib.contextmanager
 def full_float32_precision() -> Iterator[None]:
-    """Float32 products and convolutions in IEEE float32 for the body, the user's settings
-    restored afterwards.
+    """The model's own dtype for the body: no autocast (CPU or CUDA), and float32 products and
+    convolutions in IEEE float32; the user's settings restored afterwards.
 
+    Autocast would run a float32 network in bfloat16 or float16 (about 3 significant digits),
     TF32 (cuDNN convolutions use it by default on Ampere and later GPUs, cuBLAS after
     ``torch.set_float32_matmul_precision("high")``) or oneDNN's bf16 keep about 10 bits of
     the mantissa: a float32 network's kernel came out 1.7e-4 off, where float32 holds it to
     about 1e-7 (M1). Set through the per-operator ``fp32_precision`` of torch >= 2.9 when it
     exists (the legacy flags would then mix two APIs, which torch refuses), the legacy
     ``allow_tf32`` flags before."""
+    cpu, cuda = torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False)
+    with cpu, cuda, _ieee_float32():
+        yield
+
+
+@contextlib.contextmanager
+def _ieee_float32() -> Iterator[None]:
+    """IEEE float32 products and convolutions for the body (see :func:`full_float32_precision`)."""
     handles = _precision_handles()
     if handles:
         saved = [h.fp32_precision for h in handles]

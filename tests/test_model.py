@@ -322,3 +322,16 @@ def test_the_example_networks_leave_every_generator_alone(monkeypatch: pytest.Mo
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     paper_mlp(width=8, seed=1)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_autocast_around_the_library_does_not_reach_its_forwards() -> None:
+    # A bfloat16 forward would put the kernel and f0 about 1e-2 off.
+    net, X, Y, opt = repro()
+    kernels = {path: empirical_ntk(net, X, path=path) for path in ("layerwise", "generic")}
+    decision = REMLStopper(net, X, Y, optimizer=opt).start()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(X).dtype == torch.bfloat16  # autocast is on out here
+        for path, kernel in kernels.items():
+            assert torch.equal(empirical_ntk(net, X, path=path), kernel), path
+        again = REMLStopper(net, X, Y, optimizer=opt).start()
+    assert again.t_target == decision.t_target and again.test.pvalue == decision.test.pvalue
