@@ -278,7 +278,7 @@ class KernelSpectrum:
             integral = np.issubdtype(counts.dtype, np.integer) or (
                 np.issubdtype(counts.dtype, np.floating) and np.all(np.mod(counts, 1) == 0)
             )
-            if counts.shape != lam.shape or not integral or counts.min() < 1:
+            if counts.shape != lam.shape or counts.size == 0 or not integral or counts.min() < 1:
                 raise ValueError(
                     f"multiplicity must hold {lam.size} integer counts >= 1, one per eigenvalue; "
                     f"got shape {counts.shape}, dtype {counts.dtype}."
