@@ -196,7 +196,6 @@ def initial_spectra(
             test_spectrum = spectrum
             if covariates is not None:
                 test_spectrum = KernelSpectrum.from_kernel(H_host, u0, covariates)
-            del H_host
             seconds["spectrum"] = time.perf_counter() - tic
             return InitialSpectra(
                 spectrum=spectrum,

@@ -71,17 +71,20 @@ class StopperOptions:
             time is unchanged; the test costs a second eigendecomposition.
         kernel: 'dense' (the N x N kernel, exact), 'nystrom' (the large-N spectrum from
             ``landmarks`` rows of the kernel, METHOD M10) or 'auto': dense when its estimated
-            peak (about 2 N^2 x 8 bytes) fits ``memory_budget_bytes`` and, on a CPU,
-            N <= 20,000 (the dense decision grows as N^3: 258 s at N = 10,000 on two cores);
-            Nystrom otherwise. The decision says which ran and how much it resolved.
+            peak (about 2 N^2 x 8 bytes) fits ``memory_budget_bytes`` and N <= 20,000 on any
+            device (the eigen-decomposition runs on the CPU and grows as N^3: 258 s at
+            N = 10,000 on two cores); Nystrom otherwise. The decision says which ran and how
+            much it resolved.
         landmarks: training rows whose kernel rows the Nystrom path computes (None: 8192 / K
             up to N = 10^5, then as many as keep the cost N (m K)^2 there, at least 4096 / K,
             at most n / 2, within half the budget at about 64 (m K)^2 bytes). More resolve more
             of the kernel and cost (m K)^3 + N (m K)^2 flops, 64 (m K)^2 bytes.
-        memory_budget_bytes: the budget 'auto' compares with; None: the memory available on
-            the kernel's device now. The Nystrom path's m K x m K matrices (about 64 (m K)^2
-            bytes) are held on the CPU and checked against it, or against the CPU's available
-            memory when None: explicit ``landmarks`` that do not fit raise a MemoryError.
+        memory_budget_bytes: the budget 'auto' compares with; None: the memory available now
+            on the kernel's device and on the CPU (which holds the dense spectrum's
+            eigen-decomposition), the dense peak having to fit both. The Nystrom path's
+            m K x m K matrices (about 64 (m K)^2 bytes) are held on the CPU and checked against
+            it, or against the CPU's available memory when None: explicit ``landmarks`` that do
+            not fit raise a MemoryError.
     """
 
     loss: LossSpec | str | nn.Module = "half_mse"

@@ -158,13 +158,14 @@ def _panel_spectrum(ax: Any, decision: Decision) -> None:
 
     lam = spectrum.eigenvalues
     # Per direction: an entry standing for c_j directions shares its energy among them.
-    log_w0 = log_weights(spectrum, 0.0) - np.log(spectrum.counts)
+    log_counts = np.log(spectrum.counts)
+    log_w0 = log_weights(spectrum, 0.0) - log_counts
     keep = (lam > 0) & np.isfinite(log_w0)
     lam_k = lam[keep]
     w0 = np.exp(log_w0[keep])
     ax.scatter(lam_k, w0, s=8, alpha=0.45, color="0.45", label=r"$w_j(0) = z_j^2$")
     if math.isfinite(fit.t) and fit.t > 0:
-        w_hat = np.exp((log_weights(spectrum, fit.t) - np.log(spectrum.counts))[keep])
+        w_hat = np.exp((log_weights(spectrum, fit.t) - log_counts)[keep])
         ok = w_hat > 1e-300
         ax.scatter(
             lam_k[ok],
