@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional
+from torch.nn.utils import parametrize
 
 from ._model import check_outputs
 from ._ntk_generic import PRODUCT_GROUP, symmetrize_, work_dtype
@@ -77,10 +78,47 @@ _2D_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.A
 
 
 def flatten_sequential(model: nn.Module) -> list[nn.Module]:
-    """The leaf modules of nested ``nn.Sequential``s, in order of application."""
-    if isinstance(model, nn.Sequential):
+    """The leaf modules of nested ``nn.Sequential``s that run torch's own ``forward``, in order
+    of application (a subclass that overrides it is a leaf: it computes something else)."""
+    if isinstance(model, nn.Sequential) and not _overrides_forward(model):
         return [leaf for child in model for leaf in flatten_sequential(child)]
     return [model]
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class takes its ``forward`` from outside ``torch.nn`` (a subclass that
+    rescales a Linear's output, say): the formulas here hold for torch's layers only."""
+    owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
+    return not owner.__module__.startswith("torch.nn.")
+
+
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(model: nn.Module, layers: list[nn.Module]) -> str | None:
+    """Why hooks make the layer-wise formula wrong, or None.
+
+    The backend calls each Linear, Conv2d and Embedding through its functional form and opens
+    the ``nn.Sequential`` containers, so their forward hooks and pre-hooks, which may change what
+    the network computes (the old ``weight_norm`` and ``spectral_norm`` are such pre-hooks),
+    would not run; their backward hooks do not run either, which is right: the kernel is the
+    forward map's. The row-wise modules are called as modules, so their forward hooks run, and
+    so would their backward hooks, which could change the gradients the features are read from.
+    """
+    module_hooks = nn.modules.module
+    if any(getattr(module_hooks, f"_global{name}", None) for name in _FORWARD_HOOKS):
+        return "a global forward hook is registered, which the layer-wise formula bypasses"
+    if any(getattr(module_hooks, f"_global{name}", None) for name in _BACKWARD_HOOKS):
+        return "a global backward hook is registered, which could change the gradients it reads"
+    called = {id(layer) for layer in layers if not isinstance(layer, _LAYERS)}
+    for name, m in model.named_modules():
+        where = f"{type(m).__name__} {name or '(the model)'}"
+        if id(m) not in called and any(getattr(m, attr, None) for attr in _FORWARD_HOOKS):
+            return f"{where} has a forward hook or pre-hook, which the layer-wise formula bypasses"
+        if id(m) in called and any(getattr(m, attr, None) for attr in _BACKWARD_HOOKS):
+            return f"{where} has a backward hook, which could change the gradients it reads"
+    return None
 
 
 def delegate(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
@@ -117,8 +155,21 @@ def delegate(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
 def unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
     """Why the layer-wise formula does not apply to ``model`` on ``x``, or None if it does."""
     layers = flatten_sequential(model)
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            return (
+                f"{type(m).__name__} is parametrized (torch.nn.utils.parametrize): its weight is a "
+                "function of other parameters"
+            )
+    hooked = _hooked(model, layers)
+    if hooked is not None:
+        return hooked
     seen: set[int] = set()
     for layer in layers:
+        if isinstance(layer, _LAYERS + _ROWWISE_MODULES + (nn.Sequential,)) and (
+            _overrides_forward(layer)
+        ):
+            return f"{type(layer).__name__} overrides the forward of the torch module it subclasses"
         if isinstance(layer, _LAYERS):
             # A Parameter reached twice (a layer applied twice, or one weight tied between two
             # layers) has per-row gradient G1 A1ᵀ + G2 A2ᵀ, whose cross terms the sum over
@@ -162,7 +213,24 @@ def unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
             ):
                 return f"{layer!r} unflattens the row dimension (or a named one)"
             h = layer(h)
+        # A last guard for what the checks above cannot see (a weight property, say): the
+        # backend's own re-run of the network must give the model's output.
+        rebuilt = x[:1]
+        for layer in layers:
+            rebuilt = _forward(layer, rebuilt) if isinstance(layer, _LAYERS) else layer(rebuilt)
+        reference = model(x[:1])
+        if not isinstance(reference, torch.Tensor) or not _same_output(rebuilt, reference):
+            return "re-running its layers one by one does not reproduce the model's output"
     return None
+
+
+def _same_output(rebuilt: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Equal up to the rounding of one differently scheduled kernel (GPU libraries may choose
+    another algorithm from one call to the next)."""
+    if rebuilt.shape != reference.shape or not reference.is_floating_point():
+        return rebuilt.shape == reference.shape and torch.equal(rebuilt, reference)
+    tol = 64 * torch.finfo(reference.dtype).eps * float(reference.abs().max())
+    return bool((rebuilt - reference).abs().max() <= tol)
 
 
 def _is_trainable(layer: nn.Module) -> bool:

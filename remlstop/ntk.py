@@ -66,7 +66,9 @@ class NTKInfo:
 
     Attributes: ``path`` ("layerwise" or "generic"); ``seconds`` (wall time); ``n`` (rows of
     the training inputs); ``K`` (outputs per row); ``N`` = n·K; ``P`` (trainable parameters);
-    ``chunk_size`` (rows of the inputs per chunk: Jacobian chunk or Gram tile).
+    ``chunk_size`` (rows of the inputs per chunk: Jacobian chunk or Gram tile); ``reason``
+    (why ``path="auto"`` did not take the layer-wise backend; None when it did or when
+    ``path="generic"`` was asked for).
     """
 
     path: str
@@ -76,6 +78,7 @@ class NTKInfo:
     N: int
     P: int
     chunk_size: int
+    reason: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def _dispatch(model: nn.Module, x: torch.Tensor, path: str, operation: str) -> _
     "generic": the generic backend.
     """
     if path == "generic":
-        return _Backend("generic", model, None)
+        return _generic_backend(model, None)
     if operation not in _OPERATIONS["layerwise"]:
         reason = f"the layer-wise backend has no {operation}"
     else:
@@ -187,6 +190,20 @@ def _dispatch(model: nn.Module, x: torch.Tensor, path: str, operation: str) -> _
     if path == "layerwise":
         raise ValueError(
             f"path='layerwise' does not support this model: {reason}. Use path='generic'."
+        )
+    return _generic_backend(model, reason)
+
+
+def _generic_backend(model: nn.Module, reason: str | None) -> _Backend:
+    """The generic backend, or a ValueError when torch.func cannot differentiate ``model``."""
+    hooks = generic.unsupported(model)
+    if hooks is not None:
+        also = "" if reason is None else f", and the layer-wise backend does not apply ({reason})"
+        raise ValueError(
+            f"{hooks}: torch.func, which the generic backend's per-row Jacobians use, cannot run "
+            f"through it{also}. The kernel is the forward map's, which backward hooks do not "
+            "change: hook the parameters instead (p.register_hook, which the kernel's "
+            "computation does not run), or remove the module hook while the kernel is computed."
         )
     return _Backend("generic", model, reason)
 
@@ -446,7 +463,7 @@ def empirical_ntk(
             if path != "auto" or _fits(layerwise_need, limit) or not _fits(need, limit):
                 need = layerwise_need
             else:
-                backend = _Backend("generic", model, "its per-row features do not fit in memory")
+                backend = _generic_backend(model, "its per-row features do not fit in memory")
         _check_memory(need, kernel_bytes, memory_limit_bytes, (rows_out, N), n, K, dtype)
         if backend.path == "layerwise":  # writes every entry, already divided by N
             kernel = torch.empty(rows_out, N, dtype=dtype, device=out_device)
@@ -455,7 +472,7 @@ def empirical_ntk(
             kernel = torch.zeros(rows_out, N, dtype=dtype, device=out_device)
             rows = generic.kernel(model, params, x, x2, K, layout, kernel, work)
             kernel /= N
-    info = NTKInfo(backend.path, time.perf_counter() - start, n, K, N, P, rows)
+    info = NTKInfo(backend.path, time.perf_counter() - start, n, K, N, P, rows, backend.reason)
     logger.info(
         "empirical NTK (M1): path=%s n=%d K=%d N=%d P=%d chunk=%d rows in %.3f s%s",
         info.path,
@@ -465,7 +482,7 @@ def empirical_ntk(
         P,
         rows,
         info.seconds,
-        "" if backend.reason is None else f" (not layerwise: {backend.reason})",
+        "" if info.reason is None else f" (not layerwise: {info.reason})",
     )
     return (kernel, info) if return_info else kernel
 

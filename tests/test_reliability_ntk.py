@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -149,6 +150,155 @@ def test_wrapper_of_a_shared_parameter_net_is_not_delegated_to_the_layerwise_pat
     H, info = empirical_ntk(model, X, return_info=True)
     assert info.path == "generic"
     assert rel_err(H, jacrev_kernel(model, X)) < 1e-6
+
+
+# --- modules whose forward is not torch's -------------------------------------------------------
+class NTKLinear(nn.Linear):
+    """The NTK parameterisation: W x / sqrt(d_in) + b, a forward of its own."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h, self.weight) / self.in_features**0.5 + self.bias
+
+
+class Residual(nn.Sequential):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + super().forward(h)
+
+
+class Doubled(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def _mlp(first: nn.Module | None = None) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(first or nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _subclassed() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(NTKLinear(5, 8), nn.Tanh(), NTKLinear(8, 1))
+
+
+def _residual() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), Residual(nn.Tanh(), nn.Linear(8, 8)), nn.Linear(8, 1))
+
+
+def _parametrized() -> nn.Module:
+    model = _mlp()
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Doubled())
+    return model
+
+
+def _weight_norm() -> nn.Module:
+    model = _mlp(torch.nn.utils.parametrizations.weight_norm(nn.Linear(5, 8)))
+    with torch.no_grad():  # g = ||v|| at initialisation hides the reparametrisation's effect
+        model[0].parametrizations.weight.original0.mul_(2.0)
+    return model
+
+
+def _old_weight_norm() -> nn.Module:  # a forward pre-hook that rebuilds the weight
+    return _mlp(torch.nn.utils.weight_norm(nn.Linear(5, 8)))
+
+
+def _forward_hook() -> nn.Module:
+    model = _mlp()
+    model[0].register_forward_hook(lambda module, inputs, output: 3 * output)
+    return model
+
+
+def _forward_pre_hook() -> nn.Module:
+    model = _mlp()
+    model[2].register_forward_pre_hook(lambda module, inputs: (inputs[0] / 2,))
+    return model
+
+
+def _container_hook() -> nn.Module:
+    model = _mlp()
+    model.register_forward_hook(lambda module, inputs, output: 10 * output)
+    return model
+
+
+def _old_backward_hook() -> nn.Module:  # fires on the row-wise module the backend calls
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model[1].register_backward_hook(lambda module, grad_in, grad_out: (2 * grad_in[0],))
+    return model
+
+
+NOT_TORCH_FORWARD = {
+    "subclass overriding forward": (_subclassed, "overrides the forward"),
+    "Sequential subclass overriding forward": (_residual, "overrides the forward"),
+    "parametrization": (_parametrized, "parametrized"),
+    "parametrizations.weight_norm": (_weight_norm, "parametrized"),
+    "nn.utils.weight_norm": (_old_weight_norm, "pre-hook"),
+    "forward hook on a Linear": (_forward_hook, "forward hook"),
+    "forward pre-hook on a Linear": (_forward_pre_hook, "pre-hook"),
+    "forward hook on the Sequential": (_container_hook, "forward hook"),
+    "backward hook on a row-wise module": (_old_backward_hook, "backward hook"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_TORCH_FORWARD))
+def test_a_forward_that_is_not_torchs_takes_the_generic_path(case) -> None:
+    factory, reason = NOT_TORCH_FORWARD[case]
+    model = factory()
+    H, info = empirical_ntk(model, X, return_info=True)
+    assert info.path == "generic" and reason in info.reason
+    torch.testing.assert_close(H, empirical_ntk(model, X, path="generic"), rtol=0, atol=0)
+    assert ntk_trace(model, X) == pytest.approx(float(H.trace()), rel=1e-6)
+    with pytest.raises(ValueError, match=reason):
+        empirical_ntk(model, X, path="layerwise")
+
+
+def test_the_kernel_of_a_network_with_its_own_forward_is_its_jacobians() -> None:
+    for factory in (_subclassed, _residual, _parametrized, _forward_hook, _container_hook):
+        model = factory()
+        assert rel_err(empirical_ntk(model, X), jacrev_kernel(model, X)) < 1e-6, factory
+
+
+def test_subclasses_that_keep_torchs_forward_and_hooks_on_row_wise_modules_stay_layerwise() -> None:
+    class Plain(nn.Linear):
+        pass
+
+    seen: list[int] = []
+    model = _mlp(Plain(5, 8))
+    model[1].register_forward_hook(lambda module, inputs, output: seen.append(1))
+    H, info = empirical_ntk(model, X, return_info=True)
+    assert info.path == "layerwise" and seen
+    assert rel_err(H, empirical_ntk(model, X, path="generic")) < 1e-6
+
+
+def test_backward_hooks_on_the_layers_leave_the_kernel_of_the_forward_map() -> None:
+    model = _mlp()
+    reference = empirical_ntk(model, X)
+    model[0].register_full_backward_hook(lambda module, grad_in, grad_out: (2 * grad_in[0],))
+    model.register_full_backward_pre_hook(lambda module, grad_out: (3 * grad_out[0],))
+    H, info = empirical_ntk(model, X, return_info=True)
+    assert info.path == "layerwise"
+    torch.testing.assert_close(H, reference, rtol=0, atol=0)
+
+
+def test_a_full_backward_hook_that_no_backend_can_run_through_is_refused_clearly() -> None:
+    model = _mlp()
+    model[1].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    for path in ("auto", "generic"):
+        with pytest.raises(ValueError, match=r"Tanh 1 has a full backward hook.*p\.register_hook"):
+            empirical_ntk(model, X, path=path)
+    with pytest.raises(ValueError, match="Tanh 1 has a full backward hook"):
+        ntk_trace(model, X)
+
+
+def test_a_rebuilt_forward_that_differs_from_the_model_is_caught(monkeypatch) -> None:
+    from remlstop import _ntk_layerwise
+
+    # With the class check disabled, the last guard (the layers re-run one by one) must see it.
+    monkeypatch.setattr(_ntk_layerwise, "_overrides_forward", lambda module: False)
+    model = _subclassed()
+    _, info = empirical_ntk(model, X, return_info=True)
+    assert info.path == "generic" and "does not reproduce the model's output" in info.reason
 
 
 # --- memory -------------------------------------------------------------------------------------
