@@ -81,6 +81,11 @@ def default_landmarks(n: int, K: int, budget: int | None) -> int:
     what the approximation is for) and at most what fits ``_LANDMARK_SHARE`` of ``budget``
     bytes at ``_NYSTROM_PEAK`` x 8 (m K)^2."""
     N = n * K
+    if n // 2 < 3:
+        raise ValueError(
+            f"n = {n} training rows are too few for the Nystrom path, which needs at least 6 (3 "
+            "landmark rows and as many left for it to approximate); use kernel='dense'."
+        )
     affordable = math.isqrt(_LANDMARK_FLOPS // N)
     columns = min(_MAX_LANDMARK_COLUMNS, max(_MIN_LANDMARK_COLUMNS, affordable))
     m = min(max(3, columns // K), n // 2)

@@ -75,8 +75,15 @@ class Decision:
 
     def landmark_check(self) -> str | None:
         """The landmark check in words: the chosen criterion's stop and the test's p-value with
-        half of the landmarks against all of them (M10); None without one."""
+        half of the landmarks against all of them (M10); why it did not run when there were
+        too few landmarks for it; None on the dense path."""
         a = self.approximation
+        if a is not None and a.check_landmarks == 0:
+            return (
+                f"landmark check: not run, half of the {a.landmarks} landmarks being fewer than "
+                "the 3 a factorisation needs, so how far the stop still moves with the landmarks "
+                "is not measured: use landmarks >= 6"
+            )
         if a is None or self.criterion not in a.check_times:
             return None
         fit = self.criteria.fits[self.criterion]
@@ -94,7 +101,7 @@ class Decision:
         return (
             line + f": outside its {fit.level:.0%} interval [{fit.interval[0]:.4g}, "
             f"{fit.interval[1]:.4g}] or another test decision, so the stop has not settled in "
-            "the landmarks (fewer landmarks stop later, METHOD M10): raise landmarks="
+            "the landmarks (METHOD M10): raise landmarks="
         )
 
     @property

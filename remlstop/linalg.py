@@ -313,6 +313,8 @@ def _tridiagonal_projection(
     (benchmarks/eigh_threads.py) for at most 2 x 32 MB of eigenvectors and workspace.
     """
     n = diag.size
+    if n == 1:  # T = [d]; LAPACK's wrappers refuse the empty off-diagonal of a 1 x 1 matrix
+        return diag.copy(), w.reshape(shape)
     # Below _MRRR_FROM divide and conquer runs directly: no eigenvalue-only pass first.
     evals, info = lapack.dstevd(diag, offdiag, compute_v=0)[::2] if n >= _MRRR_FROM else (None, 1)
     if info == 0:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ._baseline import Baseline, KernelView
 from ._model import device_dtype, evaluate, optimizer_parameters, trained_only
-from ._spectra import initial_spectra
+from ._spectra import initial_spectra, nystrom_peak_bytes
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import evaluate_criteria
 from .data import as_target_matrix, collect_xy
@@ -211,14 +211,18 @@ class REMLStopper:
             seconds=seconds,
         )
         logger.info("%s", self.decision.summary())
+        approximation = spectrum.approximation
         if self.decision.landmark_check_passed is False:
             warnings.warn(
                 f"the Nystrom decision has not settled in the landmarks: "
-                f"{self.decision.landmark_check()} (now {spectrum.approximation.landmarks}; "
-                "memory: landmarks x K x N x 8 bytes).",
+                f"{self.decision.landmark_check()} (now {approximation.landmarks}; the cost "
+                f"grows as N (landmarks x K)^2 flops, the memory as {nystrom_peak_bytes(1)} "
+                "(landmarks x K)^2 bytes).",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        elif approximation is not None and approximation.check_landmarks == 0:
+            warnings.warn(f"{self.decision.landmark_check()}.", RuntimeWarning, stacklevel=2)
         if not test.train:
             if o.on_insignificant == "stop":
                 self._stop(

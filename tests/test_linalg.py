@@ -191,3 +191,10 @@ def test_a_nearly_symmetric_or_read_only_matrix_is_copied_not_touched():
     S = (before + before.T) / 2
     S.flags.writeable = False
     spectral_projection(S, rng.standard_normal(60))
+
+
+def test_spectral_projection_of_a_1_by_1_matrix():
+    lam, z = spectral_projection(np.array([[2.0]]), np.array([3.0]))
+    assert lam.tolist() == [2.0] and z.tolist() == [3.0]
+    lam, z = spectral_projection(np.array([[2.0]]), np.array([[3.0, -1.0]]))
+    assert z.tolist() == [[3.0, -1.0]]

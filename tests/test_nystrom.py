@@ -203,6 +203,7 @@ def test_the_landmark_check_runs_with_several_outputs_and_covariates_and_not_bel
             landmarks=30,
             test_covariates="intercept",
         ).start()
+    with pytest.warns(RuntimeWarning, match="landmark check: not run, half of the 5 landmarks"):
         few = REMLStopper(model, x, y, optimizer=opt, kernel="nystrom", landmarks=5).start()
     a = decision.approximation
     assert a.check_landmarks == 15 and set(a.check_times) == set(CRITERIA)
@@ -211,7 +212,8 @@ def test_the_landmark_check_runs_with_several_outputs_and_covariates_and_not_bel
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     # Half of 5 landmarks is too few for a factorisation: no check, said as such.
     assert few.approximation.check_landmarks == 0 and few.approximation.check_times == {}
-    assert few.landmark_check() is None and few.landmark_check_passed is None
+    assert "use landmarks >= 6" in few.landmark_check() and few.landmark_check_passed is None
+    assert few.landmark_check() in few.summary()
     assert math.isnan(few.approximation.check_shift("reml", 1.0))
 
 
@@ -287,6 +289,34 @@ def test_bad_factorisation_inputs_are_refused_with_the_reason():
     x, _, _, _ = paper_simple_function(n=40, n_train=30, seed=0)
     with pytest.raises(ValueError, match="block_rows must be a positive number of rows"):
         nystrom_kernel(paper_mlp(width=8, seed=0), x, np.zeros(30), landmarks=5, block_rows=0)
+
+
+def test_too_few_rows_for_the_nystrom_path_are_refused_with_the_way_out():
+    stopper, _ = _stopper(n=5, kernel="nystrom")
+    with pytest.raises(ValueError, match="n = 5 training rows are too few .* kernel='dense'"):
+        stopper.start()
+
+
+def test_a_rank_one_kernel_gives_the_dense_decision_on_the_nystrom_path():
+    # Only the output bias trains: H = 1 1^T / N, one nonzero eigenvalue.
+    x, y, _, _ = paper_simple_function(n=210, n_train=200, seed=0)
+    decisions = {}
+    for kernel in ("dense", "nystrom"):
+        model = paper_mlp(width=16, seed=0)
+        opt = torch.optim.SGD([model[-1].bias], lr=0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decisions[kernel] = REMLStopper(
+                model, x, y, optimizer=opt, kernel=kernel, landmarks=20
+            ).start()
+    dense, nystrom = decisions["dense"], decisions["nystrom"]
+    assert nystrom.approximation.rank == 1
+    assert nystrom.test.pvalue == pytest.approx(dense.test.pvalue, rel=1e-6)
+    # reml-power also weighs the dense kernel's rounding-level eigenvalues (about 1e-16), which
+    # the Nystrom tail holds as one cluster: 0.7% apart here, the others agree to 1e-6.
+    for name, fit in dense.criteria.fits.items():
+        rel = 1e-2 if name in ("reml-power", "average") else 1e-6
+        assert nystrom.criteria.fits[name].t == pytest.approx(fit.t, rel=rel), name
 
 
 def test_bad_landmarks_are_refused_with_the_reason():
