@@ -93,6 +93,9 @@ class Baseline:
         test_spectrum: the test's (the same object unless ``test_covariates`` compress it).
         H0: the initial kernel, kept only to measure drift at refreshes (M6).
         unstable: the step size is beyond gradient descent's stability limit on this kernel.
+        rows: (n, 2) int64 keys of the training rows in the order u0 holds them
+            (:func:`remlstop.data.row_keys`), so a resumed run finds them again in its data;
+            None in checkpoints saved before they were kept.
     """
 
     u0: torch.Tensor
@@ -100,6 +103,7 @@ class Baseline:
     test_spectrum: KernelSpectrum
     H0: torch.Tensor | None
     unstable: bool
+    rows: torch.Tensor | None = None
 
     @property
     def mse0(self) -> float:
@@ -115,6 +119,7 @@ class Baseline:
             ),
             "H0": None if self.H0 is None else self.H0.detach().cpu(),
             "unstable": self.unstable,
+            "rows": self.rows,
         }
 
     @classmethod
@@ -127,4 +132,5 @@ class Baseline:
             test_spectrum=spectrum if saved_test is None else _spectrum_from_state(saved_test),
             H0=None if state["H0"] is None else state["H0"].to(device),
             unstable=bool(state.get("unstable", False)),
+            rows=state.get("rows"),
         )

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._model import preserved_rng
 
-__all__ = ["default_batch_adapter", "collect_xy", "as_target_matrix"]
+__all__ = ["default_batch_adapter", "collect_xy", "as_target_matrix", "row_keys", "match_rows"]
 
 Batch = Any
 BatchToXY = Callable[[Batch], "tuple[torch.Tensor, torch.Tensor]"]
@@ -209,3 +210,58 @@ def _refuse_misplaced_data(data: Any, default_adapter: bool) -> None:
 def _check_finite(T: torch.Tensor, name: str) -> None:
     if (T.is_floating_point() or T.is_complex()) and not bool(torch.isfinite(T).all()):
         raise ValueError(f"{name} contains NaN or inf; clean the data before fitting.")
+
+
+_KEY_SEED = 20260527
+_KEY_CHUNK = 2**22  # values hashed at once
+
+
+def row_keys(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """(n, 2) int64 keys of the rows of (X, Y), X (n, ...) and Y (n, ...): equal rows have equal
+    keys wherever they sit in the data, distinct rows differ but with probability about 2^-64
+    per key. Each key is Σ_j bits_ij a_j mod 2^64 over the float64 bit patterns of the row's
+    values, with fixed random odd multipliers a_j: exact integer arithmetic, so a row's key does
+    not depend on its batch or position, as a floating-point projection's rounding could."""
+    n = X.shape[0]
+    values = [X.detach().reshape(n, -1), Y.detach().reshape(n, -1)]
+    width = sum(v.shape[1] for v in values)
+    rng = np.random.default_rng(_KEY_SEED)
+    multipliers = rng.integers(0, 2**63, size=(width, 2), dtype=np.uint64) * 2 + 1
+    keys = np.zeros((n, 2), dtype=np.uint64)
+    step = max(1, _KEY_CHUNK // max(1, width))
+    for start in range(0, n, step):
+        rows = torch.cat([v[start : start + step].to("cpu", torch.float64) for v in values], 1)
+        rows += 0.0  # -0.0 becomes 0.0: equal values, equal bits
+        bits = rows.numpy().view(np.uint64)
+        with np.errstate(over="ignore"):
+            keys[start : start + step] = bits @ multipliers
+    return torch.from_numpy(keys.view(np.int64))
+
+
+def _as_void(keys: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(keys.numpy()).view(np.dtype((np.void, 16))).ravel()
+
+
+def match_rows(saved: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Indices into the rows of (X, Y) that give the rows whose :func:`row_keys` are ``saved``
+    ((m, 2)), in that order: the data a decision was made on, found again in the data given at
+    resume whatever their order (a shuffled loader, another process's seed) and whether or not
+    a ``max_samples`` subset was drawn from them. ValueError when they are not all there."""
+    have, want = _as_void(row_keys(X, Y)), _as_void(saved)
+    have_order = np.argsort(have, kind="stable")
+    want_order = np.argsort(want, kind="stable")
+    have_sorted, want_sorted = have[have_order], want[want_order]
+    # The j-th of several equal saved rows takes the j-th equal row given.
+    repeat = np.arange(want.size) - np.searchsorted(want_sorted, want_sorted, side="left")
+    position = np.searchsorted(have_sorted, want_sorted, side="left") + repeat
+    found = position < have.size
+    found[found] = have_sorted[position[found]] == want_sorted[found]
+    if not found.all():
+        raise ValueError(
+            f"{int((~found).sum())} of the {want.size} rows the saved decision was made on are "
+            f"not among the {have.size} training rows given at resume (every row of X and Y is "
+            "compared, in any order): resume with the data the decision was made on."
+        )
+    index = np.empty(want.size, dtype=np.int64)
+    index[want_order] = have_order[position]
+    return torch.from_numpy(index)

@@ -23,7 +23,7 @@ from ._model import device_dtype, evaluate, optimizer_parameters, trained_only
 from ._spectra import initial_spectra, nystrom_peak_bytes
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import evaluate_criteria
-from .data import as_target_matrix, collect_xy
+from .data import as_target_matrix, collect_xy, match_rows, row_keys
 from .decision import Check, Decision
 from .ntk import empirical_ntk
 from .options import StopperOptions
@@ -173,6 +173,7 @@ class REMLStopper:
             test_spectrum=test_spectrum,
             H0=spectra.H0,
             unstable=not self.clock.is_stable(lam_max),
+            rows=row_keys(self._X, self._Y),
         )
         self._kernel = KernelView(
             spectrum, spectra.Hu0, spectrum.mean_eigenvalue, criteria.fits[o.criterion].t
@@ -254,12 +255,16 @@ class REMLStopper:
                 )
         return self.decision
 
-    def _load_data(self) -> None:
-        """(X, Y) onto the model's device, and the clock when there is none yet (M2)."""
+    def _load_data(self, rows: torch.Tensor | None = None) -> None:
+        """(X, Y) onto the model's device, and the clock when there is none yet (M2); with
+        ``rows`` (saved :func:`row_keys`), those rows in their saved order."""
         o = self.options
         X, Y = collect_xy(self._data, batch_to_xy=self._batch_to_xy)
         n_full = X.shape[0]
-        if o.max_samples is not None and o.max_samples < n_full:
+        if rows is not None:
+            index = match_rows(rows, X, Y).to(X.device)
+            X, Y = X[index], Y[index]
+        elif o.max_samples is not None and o.max_samples < n_full:
             X, Y = collect_xy((X, Y), max_samples=o.max_samples, generator=o.seed)
         device, _ = device_dtype(self.model)
         self._X = X.to(device)
@@ -274,7 +279,7 @@ class REMLStopper:
         question). Returns that decision."""
         if self.decision is None or self._baseline is None:
             raise RuntimeError("resume() follows load_state_dict(); use start() for a new run.")
-        self._load_data()
+        self._load_data(self._baseline.rows)
         return self.decision
 
     def _dt_now(self, batch_size_rows: int | None = None) -> float:

@@ -149,6 +149,63 @@ def test_resume_from_state_dict_stops_on_the_same_step():
     assert k == full == resumed.stop_step
 
 
+def _trajectory_run(x, y, split=None, data=None, **options):
+    """Stop step of a full-batch run under the trajectory rule (which reads u0 row by row),
+    checkpointed at step ``split`` and resumed in a fresh stopper after another global seed."""
+    options = {"rule": "trajectory", "criterion": "reml", "loss": "half_mse", **options}
+    model = paper_mlp(width=32, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    stopper = REMLStopper(model, data if data is not None else (x, y), optimizer=opt, **options)
+    stopper.start()
+    for k in range(1, 3001):
+        _gd_step(model, opt, x, y)
+        if stopper.step():
+            return k
+        if k == split:
+            state = stopper.state_dict()
+            torch.manual_seed(999)  # a new process: the loader shuffles otherwise
+            stopper = REMLStopper(
+                model, data if data is not None else (x, y), optimizer=opt, **options
+            )
+            stopper.load_state_dict(state)
+            stopper.resume()
+    return None
+
+
+@pytest.mark.parametrize("kernel", ["dense", "nystrom"])
+def test_a_resume_finds_the_saved_rows_in_a_shuffled_loader(kernel):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, _, _ = paper_simple_function(n=210, n_train=200, seed=0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True)
+    options = {"kernel": kernel, "landmarks": 40}
+    torch.manual_seed(0)
+    full = _trajectory_run(x, y, data=loader, **options)
+    assert full is not None and full > 10
+    torch.manual_seed(0)
+    assert _trajectory_run(x, y, split=full // 2, data=loader, **options) == full
+    # A subset drawn by max_samples is found again too, whatever order the rows come in.
+    torch.manual_seed(0)
+    sub = _trajectory_run(x, y, data=loader, max_samples=120, **options)
+    torch.manual_seed(0)
+    assert _trajectory_run(x, y, split=sub // 2, data=loader, max_samples=120, **options) == sub
+
+
+def test_a_resume_on_other_data_is_refused_naming_the_missing_rows():
+    model, opt, stopper, x, y = _setup(seed=1)
+    stopper.start()
+    state = stopper.state_dict()
+    for data, missing in (((x[:150], y[:150]), 50), ((x, y + 1e-6), 200)):
+        resumed = REMLStopper(model, data, optimizer=opt, loss="half_mse", criterion="reml")
+        resumed.load_state_dict(state)
+        with pytest.raises(ValueError, match=f"{missing} of the 200 rows the saved decision"):
+            resumed.resume()
+    old = dict(state, baseline={k: v for k, v in state["baseline"].items() if k != "rows"})
+    resumed = REMLStopper(model, (x, y), optimizer=opt, loss="half_mse", criterion="reml")
+    resumed.load_state_dict(old)  # a checkpoint saved before the rows were kept
+    assert resumed.resume().fit.t == stopper.decision.fit.t
+
+
 class Linearised(nn.Module):
     """f_lin(x; theta) = f(x; theta0) + J0 (theta - theta0): the lazy-training limit."""
 
