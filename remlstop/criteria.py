@@ -128,6 +128,8 @@ class Criteria:
             mark = "*" if name == chosen else " "
             if fit.unbounded:
                 when = "train to the budget (no finite stop time)"
+            elif dt_per_step == 0.0:  # a warm-up from lr = 0: the clock counts the real steps
+                when = f"t = {fit.t:.4g} (no steps at the current learning rate, 0)"
             else:
                 when = f"t = {fit.t:.4g} = {fit.steps(dt_per_step):.1f} steps"
             note = f" (chose {self.auto_choice})" if name == "auto" else ""

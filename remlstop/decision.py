@@ -116,6 +116,11 @@ class Decision:
             stop = "stop at the first check where D <= 0 on the real residual (M4)"
         elif chosen.unbounded:
             stop = "no finite stop time: train to the budget (your max_steps)"
+        elif self.dt_per_step == 0.0:
+            stop = (
+                f"stop at t = {chosen.t:.4g}; the learning rate is 0 now, so the clock counts the "
+                "time of the steps a schedule makes"
+            )
         else:
             stop = (
                 f"stop at t = {chosen.t:.4g} = {self.target_steps:.1f} steps at the current "

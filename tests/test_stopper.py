@@ -97,6 +97,22 @@ def test_scheduler_changes_the_stop_step_as_the_clock_says():
     assert stop != round(t_hat / lr)
 
 
+def test_a_warm_up_from_lr_0_decides_and_stops_where_its_clock_says():
+    model, opt, stopper, x, y = _setup()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, k / 10))
+    decision = stopper.start()  # at lr = 0: no steps at the current learning rate
+    assert decision.dt_per_step == 0.0 and math.isinf(decision.target_steps)
+    assert "the learning rate is 0 now" in decision.summary()
+    t_hat, t, expected = decision.fit.t, 0.0, None
+    for k in range(1, 10_000):
+        dt = 0.05 * min(1.0, (k - 1) / 10)
+        t += dt
+        if dt > 0 and t + 0.5 * dt >= t_hat:
+            expected = k
+            break
+    assert _run(model, opt, stopper, x, y, scheduler=sched) == expected
+
+
 def test_momentum_speeds_the_clock_up():
     model, opt, stopper, x, y = _setup(lr=0.01)
     opt.param_groups[0]["momentum"] = 0.5
