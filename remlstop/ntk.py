@@ -387,7 +387,10 @@ def empirical_ntk(
             memory and the ways out (``max_samples=``, fewer outputs) is raised when it does
             not fit.
         path: "auto" (layerwise when the model supports it, else generic), "layerwise"
-            (ValueError naming the unsupported module otherwise) or "generic".
+            (ValueError naming the unsupported module otherwise) or "generic". The layer-wise
+            formula holds for torch's own layers only: a subclass with its own ``forward``, a
+            parametrized weight or a forward hook on a layer or a container sends "auto" to the
+            generic path (``NTKInfo.reason`` says why).
         dtype: dtype of the kernel. Default float64, as the statistics downstream expect.
             Layerwise path: Jacobian factors are computed in the model's dtype and multiplied
             in ``dtype``; the per-sample gradients of conv layers, Jacobian columns, are
@@ -395,7 +398,9 @@ def empirical_ntk(
             chunks are multiplied in the model's dtype (at least float32, at most ``dtype``) in
             groups of 65,536 parameters accumulated in ``dtype`` (relative error about 1e-7 for
             a float32 model; exact float64 products for a float64 model, see
-            :mod:`remlstop._ntk_generic`).
+            :mod:`remlstop._ntk_generic`). A float16 or bfloat16 model's kernel is only as
+            exact as its forward and backward passes in that dtype: cast a copy of the model
+            to float32 for a finer one.
         device: device of the returned kernel; default the model's device. Tiles are computed
             on the model's device and copied, so a GPU model can fill a CPU kernel.
         return_info: also return an :class:`NTKInfo`.
