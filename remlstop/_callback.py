@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -126,6 +127,26 @@ def _grad_norm(optimizer: Any) -> float:
 
 def _has_gradients(optimizer: Any) -> bool:
     return any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
+
+
+def _scaler_skips(trainer: Any, optimizer: Any) -> bool:
+    """Whether the precision plugin's gradient scaler will skip this step: Lightning unscales
+    the gradients before this hook, and ``GradScaler.step`` skips the step exactly when they
+    hold an inf or NaN (16-bit mixed precision on a GPU), so no gradient-flow time passes."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return False
+    return not math.isfinite(_grad_norm(optimizer))
+
+
+def _accumulation_factor(trainer: Any, pl_module: Any, batches: int) -> float:
+    """The step's scale under gradient accumulation: Lightning divides every batch's loss by
+    ``accumulate_grad_batches``, also on the last step of an epoch, which gets the batches left
+    over, so that step moves ``batches / accumulate_grad_batches`` of a full one (M2)."""
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    if accumulate == 1 or not getattr(pl_module, "automatic_optimization", True):
+        return 1.0
+    return batches / accumulate
 
 
 class REMLEarlyStoppingBody:
@@ -211,6 +232,8 @@ class REMLEarlyStoppingBody:
         self._stop_signalled = False
         self._step_dts: list[float] = []
         self._rows_since_step: list[int] = []
+        self._batches_since_step = 0
+        self._global_step_seen = 0
         self._logged_once = False
         self._warned_clip = False
 
@@ -274,7 +297,8 @@ class REMLEarlyStoppingBody:
         return trainer_xy(trainer, self.batch_to_xy)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._step_dts, self._rows_since_step = [], []
+        self._step_dts, self._rows_since_step, self._batches_since_step = [], [], 0
+        self._global_step_seen = int(trainer.global_step)
         self.stopped_step = None
         self._logged_once = False
         if trainer.fast_dev_run:
@@ -353,6 +377,7 @@ class REMLEarlyStoppingBody:
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         stopper = self.stopper
+        self._batches_since_step += 1
         if stopper is not None and stopper.loss.reduction == "sum":
             self._rows_since_step.append(_batch_rows(batch, self.batch_to_xy))
 
@@ -360,15 +385,21 @@ class REMLEarlyStoppingBody:
         stopper = self.stopper
         if stopper is None or stopper.clock is None or stopper.decision is None:
             return
-        rows = self._rows_since_step
-        self._rows_since_step = []
+        rows, batches = self._rows_since_step, self._batches_since_step
+        self._rows_since_step, self._batches_since_step = [], 0
         if not _has_gradients(optimizer):
             # training_step returned None: Lightning still calls this hook and counts a global
             # step, but the optimizer skips every parameter, so no gradient-flow time passes.
             self._step_dts.append(0.0)
             return
+        if _scaler_skips(trainer, optimizer):
+            self._step_dts.append(0.0)
+            return
         dt = stopper.step_time(rows)
-        self._step_dts.append(dt * self._clip_factor(trainer, optimizer))
+        factor = self._clip_factor(trainer, optimizer) * _accumulation_factor(
+            trainer, pl_module, batches
+        )
+        self._step_dts.append(dt * factor)
 
     def _clip_factor(self, trainer: Any, optimizer: Any) -> float:
         """The step's scale under gradient clipping, which Lightning applies after this hook.
@@ -401,8 +432,13 @@ class REMLEarlyStoppingBody:
         stopper = self.stopper
         if stopper is None:
             return
+        # LBFGS evaluates its closure, and Lightning calls on_before_optimizer_step, several
+        # times per step: the global step counts the steps; the first reading is the step's.
+        taken = int(trainer.global_step) - self._global_step_seen
+        self._global_step_seen = int(trainer.global_step)
+        dts = self._step_dts[: max(taken, 0)] if len(self._step_dts) > taken else self._step_dts
         if self._step_dts:  # an optimizer step happened on this batch (not while accumulating)
-            for dt in self._step_dts:
+            for dt in dts:
                 stopper.step(dt=dt)
             self._step_dts = []
             # The same number of steps on every rank, so every rank reaches this collective.

@@ -96,28 +96,49 @@ def parse_loss(loss: str | nn.Module | LossSpec) -> LossSpec:
     )
 
 
-def _sgd_momentum(group: dict[str, Any]) -> tuple[float, float, float]:
-    """(c, e, β) such that SGD's ``i``-th step (1-based) moves by 2aη·(c + e·β^i) per unit of a
-    constant gradient g (M2; the momentum's transient counted, first-order as M2 states).
-
-    Heavy ball, as PyTorch runs it: buf_1 = g (the first step copies the gradient, undampened),
-    then buf_i = β·buf_{i−1} + (1 − d)·g, so buf_i = [c + (1 − c)·β^{i−1}]·g with
-    c = (1 − d)/(1 − β); for d = 0 the multiplier is (1 − β^i)/(1 − β). Nesterov (PyTorch
-    forbids it with dampening) steps along g + β·buf_i = [1 + β(1 − β^i)/(1 − β)]·g, i.e.
-    (1 − β^{i+1})/(1 − β). Both tend to the steady state c; counting the transient puts the
-    heavy ball β/(1 − β) steps (Nesterov β²/(1 − β)) behind the steady-state map. Plain SGD:
-    (1, 0, 0).
-    """
+def _sgd_momentum(group: dict[str, Any]) -> tuple[float, float, bool]:
+    """(β, dampening, nesterov) of an SGD param group, β checked to lie in [0, 1)."""
     beta = float(group.get("momentum", 0.0))
-    if beta == 0.0:
-        return 1.0, 0.0, 0.0
-    if not 0.0 < beta < 1.0:
+    if not 0.0 <= beta < 1.0:
         raise ValueError(f"SGD momentum must lie in [0, 1) for a time map; got {beta}.")
-    if group.get("nesterov", False):
-        c = 1.0 / (1.0 - beta)
-        return c, -beta * c, beta
-    c = (1.0 - float(group.get("dampening", 0.0))) / (1.0 - beta)
-    return c, (1.0 - c) / beta, beta
+    return beta, float(group.get("dampening", 0.0)), bool(group.get("nesterov", False))
+
+
+def _momentum_map(
+    beta: float, dampening: float, nesterov: bool, buffer: float | None
+) -> tuple[float, float]:
+    """(c, e) such that the k-th step from now (k = 1, 2, ...) at constant momentum moves by
+    2aη·(c + e·β^k) per unit of a constant gradient g (M2; the momentum's transient counted,
+    first-order as M2 states). ``buffer``: the momentum buffer's multiplier b of g after the
+    steps counted so far, None before the buffer exists.
+
+    Heavy ball, as PyTorch runs it: the first step with momentum copies the gradient (b = 1,
+    undampened), then b ← β·b + (1 − d), so b_k = c + (b − c)·β^k with c = (1 − d)/(1 − β);
+    from a fresh buffer, (1 − β^k)/(1 − β) for d = 0. Nesterov (PyTorch forbids it with
+    dampening) steps along g + β·b_k. Both tend to the steady state c: counting the transient
+    puts a fresh heavy ball β/(1 − β) steps (Nesterov β²/(1 − β)) behind the steady-state map.
+    A step without momentum moves by g and leaves the buffer as it is. Plain SGD: (1, 0).
+    """
+    if beta == 0.0:
+        return 1.0, 0.0
+    d = 0.0 if nesterov else dampening
+    c = (1.0 - d) / (1.0 - beta)
+    # A fresh buffer is as if b = c + (1 - c)/β before its first step, so that b_1 = 1.
+    e = (1.0 - c) / beta if buffer is None else buffer - c
+    if nesterov:  # 1 + β(c + e β^k), and 1 + β c = c for d = 0
+        return c, beta * e
+    return c, e
+
+
+def _next_buffer(
+    beta: float, dampening: float, nesterov: bool, buffer: float | None
+) -> float | None:
+    """The momentum buffer's multiplier after one more step (see :func:`_momentum_map`)."""
+    if beta == 0.0:
+        return buffer
+    if buffer is None:
+        return 1.0
+    return beta * buffer + (1.0 - (0.0 if nesterov else dampening))
 
 
 class GradientFlowClock:
@@ -132,10 +153,12 @@ class GradientFlowClock:
     its ``t`` is then only the *nominal* time 2aη per step, and callers should use
     :func:`loss_matched_time` or the trajectory rule (M4) instead.
 
-    Momentum: the Δt of step i counts the buffer's build-up (see :func:`_sgd_momentum`), so the
-    clock must see the optimizer's steps from the first: ``steps`` is that step index. A clock
-    made for an optimizer whose momentum buffers already exist (training began earlier) counts
-    the steady state from its first step (``warm_start``).
+    Momentum: the Δt of a step counts the buffer's build-up (see :func:`_momentum_map`): the
+    clock follows the buffer's multiplier b ← β·b + (1 − d) step by step with the momentum each
+    step was taken at (a schedule that cycles it, OneCycleLR or CyclicLR, or a change by hand),
+    so it must see the optimizer's steps from the first. A clock made for an optimizer whose
+    momentum buffers already exist (training began earlier) starts from the steady state
+    (``warm_start``).
     """
 
     def __init__(
@@ -155,6 +178,10 @@ class GradientFlowClock:
         self.t = 0.0
         self.steps = 0
         self.fixed_map = isinstance(optimizer, torch.optim.SGD)
+        # The momentum buffer's multiplier after the counted steps (None: no buffer yet), and
+        # the momentum read with the Δt of step ``steps + 1``, which that step is counted at.
+        self._buffer: float | None = None
+        self._read: tuple[int, tuple[float, float, bool]] | None = None
         self.warm_start = any(
             state.get("momentum_buffer") is not None
             for state in getattr(optimizer, "state", {}).values()
@@ -182,8 +209,15 @@ class GradientFlowClock:
                 stacklevel=3,
             )
 
+    def _buffer_now(self, beta: float, dampening: float, nesterov: bool) -> float | None:
+        """The buffer's multiplier now: the steady state when the buffers predate the clock."""
+        if self._buffer is None and self.warm_start and beta > 0.0:
+            return (1.0 - (0.0 if nesterov else dampening)) / (1.0 - beta)
+        return self._buffer
+
     def _group_map(self, group: dict[str, Any]) -> tuple[float, float, float, float]:
-        """(2aη, c, e, β): step i of this group advances 2aη·(c + e·β^i) (M2)."""
+        """(2aη, c, e, β): the k-th step from now of this group advances 2aη·(c + e·β^k) at
+        its current lr and momentum (M2)."""
         if "lr" not in group:
             raise ValueError(f"{type(self.optimizer).__name__} param group has no 'lr'.")
         lr = float(group["lr"])  # lr may be a tensor in recent torch
@@ -194,21 +228,21 @@ class GradientFlowClock:
             return base, 1.0, 0.0, 0.0
         if group.get("maximize", False):
             raise ValueError("SGD(maximize=True) ascends the loss; there is no gradient-flow time.")
-        c, e, beta = _sgd_momentum(group)
-        return (base, c, 0.0, beta) if self.warm_start else (base, c, e, beta)
+        momentum = _sgd_momentum(group)
+        c, e = _momentum_map(*momentum, self._buffer_now(*momentum))
+        return base, c, e, momentum[0]
 
     def _step_map(
         self, batch_size_rows: int | None, n_outputs: int
     ) -> tuple[float, float, float, float]:
-        """(Δ, c, e, β) shared by every param group holding parameters: step i advances
-        Δ·(c + e·β^i), with Δ = 2aη (times B·K for sum reduction)."""
+        """(Δ, c, e, β) shared by every param group holding parameters: the k-th step from now
+        advances Δ·(c + e·β^k), with Δ = 2aη (times B·K for sum reduction)."""
         self._check_weight_decay()
         groups = [g for g in self.optimizer.param_groups if len(g["params"]) > 0]
         if not groups:
             raise ValueError("the optimizer has no parameters to train.")
         maps = [self._group_map(g) for g in groups]
-        step = self.steps + 1
-        dts = [base * (c + e * beta**step) for base, c, e, beta in maps]
+        dts = [base * (c + e * beta) for base, c, e, beta in maps]
         if any(not math.isclose(d, dts[0], rel_tol=1e-12, abs_tol=0.0) for d in dts):
             lrs = [float(g["lr"]) for g in groups]
             raise ValueError(
@@ -238,16 +272,23 @@ class GradientFlowClock:
 
     def dt_per_step(self, batch_size_rows: int | None = None, n_outputs: int = 1) -> float:
         """Δt of the step about to be counted (step ``steps + 1``), from the optimizer's current
-        lr (M2). Reading it does not count the step.
+        lr and momentum (M2). Reading it does not count the step; the step, counted next, is
+        counted at the momentum read here.
 
         Mean reduction: ``2aη·m`` (mini-batch or not). Sum reduction over ``B`` rows of ``K``
         outputs: ``2aη·m·B·K``. ``m`` = 1 for plain SGD; with momentum β it is the buffer's
-        multiplier at that step (see :func:`_sgd_momentum`): (1 − β^i)/(1 − β) for step i of the
-        heavy ball, tending to (1 − dampening)/(1 − β). All param groups holding parameters
-        must advance the same time.
+        multiplier at that step (see :func:`_momentum_map`): (1 − β^i)/(1 − β) for step i of
+        the heavy ball at constant β, tending to (1 − dampening)/(1 − β). All param groups
+        holding parameters must advance the same time.
         """
         base, c, e, beta = self._step_map(batch_size_rows, n_outputs)
-        return base * (c + e * beta ** (self.steps + 1))
+        if self.fixed_map:
+            self._read = (self.steps + 1, self._momentum())
+        return base * (c + e * beta)
+
+    def _momentum(self) -> tuple[float, float, bool]:
+        group = next(g for g in self.optimizer.param_groups if len(g["params"]) > 0)
+        return _sgd_momentum(group)
 
     def is_stable(self, lambda_max: float) -> bool:
         """Whether the steps converge on the kernel's top direction, the linearised model (M2).
@@ -285,7 +326,7 @@ class GradientFlowClock:
         target = t / base
         if e == 0.0:
             return target / c
-        head = e * beta ** (self.steps + 1) / (1.0 - beta)
+        head = e * beta / (1.0 - beta)
 
         def excess(k: float) -> float:
             return c * k + head * (1.0 - beta**k) - target
@@ -303,6 +344,11 @@ class GradientFlowClock:
         dt = float(dt)
         if not (math.isfinite(dt) and dt >= 0.0):
             raise ValueError(f"a step's gradient-flow time must be finite and >= 0; got {dt}.")
+        if self.fixed_map:
+            read = self._read
+            momentum = read[1] if read is not None and read[0] == self.steps + 1 else None
+            momentum = momentum or self._momentum()
+            self._buffer = _next_buffer(*momentum, self._buffer_now(*momentum))
         self.t += dt
         self.steps += 1
         return self.t
@@ -314,6 +360,7 @@ class GradientFlowClock:
             "loss": self.loss.name,
             "fixed_map": self.fixed_map,
             "warm_start": self.warm_start,
+            "momentum_buffer": self._buffer,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -327,6 +374,16 @@ class GradientFlowClock:
         self.t, self.steps = t, steps
         # States saved before warm_start existed keep what this clock found in the optimizer.
         self.warm_start = bool(state.get("warm_start", self.warm_start))
+        self._read = None
+        if "momentum_buffer" in state:
+            buffer = state["momentum_buffer"]
+            self._buffer = None if buffer is None else float(buffer)
+        else:  # saved before the buffer was followed: its value at constant momentum
+            self._buffer = None
+            beta, dampening, nesterov = self._momentum() if self.fixed_map else (0.0, 0.0, False)
+            if steps > 0 and beta > 0.0 and not self.warm_start:
+                c = (1.0 - (0.0 if nesterov else dampening)) / (1.0 - beta)
+                self._buffer = c + (1.0 - c) * beta ** (steps - 1)
 
     def __repr__(self) -> str:
         return (

@@ -166,15 +166,66 @@ def test_momentum_factor(nesterov):
     clock = GradientFlowClock(_sgd(0.1, momentum=0.9, nesterov=nesterov), "half_mse")
     # Step 1: the buffer holds g alone; Nesterov steps along g + β·g.
     assert clock.dt_per_step() == pytest.approx(0.1 * (1.9 if nesterov else 1.0), rel=1e-14)
-    clock.steps = 1000  # the buffer has built up: the steady state 1/(1 - β)
+    for _ in range(1000):  # the buffer builds up: the steady state 1/(1 - β)
+        clock.advance()
     assert clock.dt_per_step() == pytest.approx(0.1 / (1 - 0.9), rel=1e-14)
     assert clock.fixed_map
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "by_hand", "nesterov_cyclic", "dampening"])
+def test_each_steps_time_is_the_move_of_a_constant_gradient_when_momentum_changes(schedule):
+    # With g = 1 and 2aη = η, a step's Δt must equal the parameter's move, whatever the momentum
+    # did before: the clock follows the buffer's recursion, not a closed form in the step index.
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    nesterov = schedule == "nesterov_cyclic"
+    opt = torch.optim.SGD([w], lr=0.05, momentum=0.9 if nesterov else 0.0, nesterov=nesterov)
+    sched = None
+    if schedule == "one_cycle":
+        opt.param_groups[0]["momentum"] = 0.9
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=80)
+    elif nesterov:
+        sched = torch.optim.lr_scheduler.CyclicLR(opt, 0.001, 0.02, step_size_up=10)
+    clock = GradientFlowClock(opt, "half_mse")
+    for step in range(1, 61):
+        if schedule == "by_hand" and step in (20, 40):
+            opt.param_groups[0]["momentum"] = {20: 0.9, 40: 0.5}[step]
+        if schedule == "dampening" and step in (1, 30):
+            opt.param_groups[0].update(momentum=0.8, dampening={1: 0.0, 30: 0.6}[step])
+        dt = clock.dt_per_step()
+        before = w.detach().clone()
+        w.grad = torch.ones_like(w)
+        opt.step()
+        assert float(before - w.detach()) == pytest.approx(dt, rel=1e-12), step
+        clock.count(dt)
+        if sched is not None:
+            sched.step()
+    # The projection ahead continues the same recursion at the lr and momentum now.
+    before = w.detach().clone()
+    for _ in range(10):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert clock.steps_for_time(float(before - w.detach())) == pytest.approx(10.0, rel=1e-9)
+
+
+def test_a_clock_state_keeps_the_momentum_buffer_and_older_states_rebuild_it() -> None:
+    opt = _sgd(0.1, momentum=0.9)
+    clock = GradientFlowClock(opt, "half_mse")
+    for _ in range(7):
+        clock.advance()
+    resumed = GradientFlowClock(_sgd(0.1, momentum=0.9), "half_mse")
+    resumed.load_state_dict(clock.state_dict())
+    assert resumed.dt_per_step() == pytest.approx(clock.dt_per_step(), rel=1e-14)
+    old = {k: v for k, v in clock.state_dict().items() if k != "momentum_buffer"}
+    rebuilt = GradientFlowClock(_sgd(0.1, momentum=0.9), "half_mse")
+    rebuilt.load_state_dict(old)  # constant momentum: the buffer at step 7 in closed form
+    assert rebuilt.dt_per_step() == pytest.approx(clock.dt_per_step(), rel=1e-12)
 
 
 def test_dampening_factor():
     clock = GradientFlowClock(_sgd(0.1, momentum=0.9, dampening=0.5), "half_mse")
     assert clock.dt_per_step() == pytest.approx(0.1, rel=1e-14)  # PyTorch: step 1 undampened
-    clock.steps = 1000
+    for _ in range(1000):
+        clock.advance()
     assert clock.dt_per_step() == pytest.approx(0.1 * 0.5 / 0.1, rel=1e-14)
 
 

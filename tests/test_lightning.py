@@ -202,10 +202,62 @@ def test_stops_mid_epoch_with_mini_batches(caplog):
     assert trainer.current_epoch == cb.stopped_epoch + 1  # Lightning closes the cut epoch
 
 
-def test_gradient_accumulation_counts_optimizer_steps_only():
-    trainer, cb, _ = _fit(lr=0.05, batch_size=32, trainer_kwargs={"accumulate_grad_batches": 2})
-    expected = round(cb.decision.fit.t / (2 * A * 0.05))
+@pytest.mark.parametrize("accumulate", [2, 3])
+def test_gradient_accumulation_counts_the_epochs_last_step_as_its_share(accumulate):
+    # 7 batches of 32 rows per epoch: Lightning divides each loss by accumulate_grad_batches,
+    # so the epoch's last step, over the 1 batch left over, moves 1/accumulate of a full one.
+    trainer, cb, _ = _fit(
+        lr=0.05, batch_size=32, trainer_kwargs={"accumulate_grad_batches": accumulate}
+    )
+    dt = 2 * A * 0.05
+    steps_per_epoch = math.ceil(7 / accumulate)
+    dts = [dt / accumulate if k % steps_per_epoch == 0 else dt for k in range(1, 10_000)]
+    expected = _expected_stop(cb.decision.fit.t, dts)
+    assert expected > round(cb.decision.fit.t / dt)  # the short steps matter
     assert trainer.global_step == expected == cb.stopper.clock.steps
+    assert cb.metrics["remlstop/t"] == pytest.approx(sum(dts[:expected]))
+
+
+@pytest.mark.filterwarnings("ignore:LBFGS has no fixed map")
+def test_lbfgs_counts_one_step_per_optimizer_step_not_per_closure_call():
+    class LBFGSRegressor(Regressor):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.01, max_iter=4)
+
+    x, y = _data()
+    cb = REMLEarlyStopping(**PAPER, check_every_n_steps=1)
+    trainer = _trainer([cb], max_steps=3)
+    trainer.fit(LBFGSRegressor(), _loader(x, y))
+    assert trainer.global_step == 3 == cb.stopper.clock.steps
+    assert [c.step for c in cb.history] == [1, 2, 3]
+
+
+def test_steps_a_gradient_scaler_skips_add_no_time():
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    calls = []
+
+    class CountingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            calls.append(1)
+            return super().step(closure)
+
+    class ScaledRegressor(Regressor):
+        def configure_optimizers(self):
+            return CountingSGD(self.parameters(), lr=self.lr)
+
+    # A scale so large that float16 gradients overflow on some steps, which the scaler skips.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=100_000)
+    x, y = _data()
+    cb = REMLEarlyStopping(**PAPER)
+    trainer = _trainer([cb], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(ScaledRegressor(lr=0.05), _loader(x, y))
+    dt = 2 * A * 0.05
+    assert len(calls) < trainer.global_step  # the scaler skipped some steps
+    assert cb.stopper.clock.t == pytest.approx(len(calls) * dt)
+    assert len(calls) == round(cb.decision.fit.t / dt)
 
 
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
