@@ -1,8 +1,9 @@
 """The training data a Lightning ``Trainer`` trains on, for the callback (METHOD M1).
 
 The rows come from ``trainer.train_dataloader``: only the batches ``limit_train_batches``
-leaves when the order is fixed, and under DDP every rank's shard gathered back into the
-dataset's order, so every rank holds the single-process data.
+leaves when the order is fixed, every row of the dataset when a shuffled epoch leaves some
+out (``drop_last``), and under DDP every rank's shard gathered back into the dataset's order,
+so every rank holds the single-process data.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from ._model import preserved_rng
-from .data import collect_xy
+from .data import collect_xy, every_row_loader
 
 __all__ = ["distributed", "trainer_xy"]
 
@@ -38,7 +39,8 @@ def trainer_xy(trainer: Any, batch_to_xy: Callable | None) -> tuple[torch.Tensor
             "REMLEarlyStopping found no train dataloader; pass data=(X, Y) to the callback."
         )
     loader = _trained_batches(trainer, loader)
-    if not distributed(trainer):
+    if not distributed(trainer) or every_row_loader(loader) is not loader:
+        # Every rank reads the whole dataset itself when its shard leaves shuffled rows out.
         return collect_xy(loader, batch_to_xy=batch_to_xy)
     local: tuple[torch.Tensor, torch.Tensor] | None = None
     error: str | None = None

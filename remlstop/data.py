@@ -11,10 +11,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ._model import preserved_rng
 
-__all__ = ["default_batch_adapter", "collect_xy", "as_target_matrix", "row_keys", "match_rows"]
+__all__ = [
+    "default_batch_adapter",
+    "collect_xy",
+    "as_target_matrix",
+    "every_row_loader",
+    "row_keys",
+    "match_rows",
+]
 
 Batch = Any
 BatchToXY = Callable[[Batch], "tuple[torch.Tensor, torch.Tensor]"]
@@ -123,12 +131,17 @@ def collect_xy(
     iterating, so collecting from a shuffled ``DataLoader`` does not change the user's training
     run.
 
+    A shuffled ``DataLoader`` whose epoch leaves rows out (``drop_last``, a ``RandomSampler``
+    that draws fewer rows than the dataset holds or draws with replacement) is read through
+    :func:`every_row_loader`: training visits every row over the epochs.
+
     ``max_samples``: keep a uniformly random subset of that many rows (original order), drawn
     from ``generator`` (a ``torch.Generator`` or an int seed; default seed 0), never from the
     global RNG. The kernel, the test and REML are then computed on that subset, while the clock
     (M2) still counts time on the full data. The full data is materialised before subsetting.
     """
     _refuse_misplaced_data(data, default_adapter=batch_to_xy is None)
+    data = every_row_loader(data)
     adapter = default_batch_adapter if batch_to_xy is None else batch_to_xy
     one_batch = isinstance(data, Mapping) or (
         isinstance(data, (tuple, list))
@@ -164,6 +177,24 @@ def collect_xy(
             idx = _subset_rows(n, int(max_samples), generator).to(X.device)
             X, Y = X[idx], Y[idx]
     return X, Y
+
+
+def every_row_loader(data: Any) -> Any:
+    """``data`` itself, or, for a ``DataLoader`` that shuffles and leaves rows out of an epoch,
+    one over every row of its dataset in order (same batch size and ``collate_fn``, no workers):
+    the rows of one such epoch are a random subset, and the decision would be made on it."""
+    if not isinstance(data, DataLoader) or data.batch_size is None:
+        return data
+    sampler = data.sampler
+    if isinstance(sampler, RandomSampler):
+        partial = sampler.replacement or sampler.num_samples != len(sampler.data_source)
+    elif isinstance(sampler, DistributedSampler) and sampler.shuffle:
+        partial = sampler.drop_last
+    else:
+        return data
+    if not (partial or data.drop_last):
+        return data
+    return DataLoader(data.dataset, batch_size=data.batch_size, collate_fn=data.collate_fn)
 
 
 def _is_array(obj: Any) -> bool:

@@ -712,6 +712,17 @@ def test_limit_train_batches_uses_the_rows_trained_on():
     assert cb.decision.n_rows == 200
 
 
+def test_a_shuffled_loader_that_drops_its_last_batch_gives_the_decision_on_every_row():
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, drop_last=True)
+    cb = REMLEarlyStopping(**PAPER)
+    _trainer([cb], max_steps=1).fit(Regressor(), loader)
+    full = REMLEarlyStopping(**PAPER)
+    _trainer([full], max_steps=1).fit(Regressor(), _loader(x, y))
+    assert cb.decision.n_rows == 200
+    assert cb.decision.fit.t == pytest.approx(full.decision.fit.t, rel=1e-9)
+
+
 def test_the_batches_trained_on_are_taken_without_touching_the_global_rng():
     from types import SimpleNamespace
 

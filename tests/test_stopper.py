@@ -338,6 +338,35 @@ def test_dataloader_and_max_samples():
     assert torch.equal(state, torch.random.get_rng_state())
 
 
+def test_a_shuffled_loader_that_drops_rows_gives_the_decision_on_every_row():
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    x, y, _, _ = paper_simple_function(n=250, n_train=200, seed=0)
+    data = TensorDataset(x, y)
+    loaders = {
+        "drop_last": DataLoader(data, batch_size=32, shuffle=True, drop_last=True),
+        "num_samples": DataLoader(data, batch_size=32, sampler=RandomSampler(data, num_samples=64)),
+        "replacement": DataLoader(data, batch_size=50, sampler=RandomSampler(data, True)),
+    }
+    decisions = {}
+    for name, data_ in [("tensors", (x, y)), *loaders.items()]:
+        model = paper_mlp(width=32, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decisions[name] = REMLStopper(model, data_, optimizer=opt, criterion="reml").start()
+    for name in loaders:
+        assert decisions[name].n_rows == 200, name
+        assert decisions[name].fit.t == pytest.approx(decisions["tensors"].fit.t, rel=1e-9), name
+    # A fixed order drops the same rows every epoch: those are not trained on.
+    model = paper_mlp(width=32, seed=0)
+    fixed = DataLoader(data, batch_size=32, drop_last=True)
+    stopper = REMLStopper(model, fixed, optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert stopper.start().n_rows == 192
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
