@@ -312,20 +312,44 @@ class REMLEarlyStoppingBody:
                 f"METHOD M2); configure_optimizers returned {len(optimizers)}."
             )
         X, Y = self._collect(trainer)
-        stopper = REMLStopper(
-            self._resolve_model(pl_module), (X, Y), optimizer=optimizers[0], options=self.options
-        )
+        model = self._resolve_model(pl_module)
+        stopper = REMLStopper(model, (X, Y), optimizer=optimizers[0], options=self.options)
         pending, self._pending_state = self._pending_state, None
-        if not pending:  # a new run (possibly a second fit with this callback): nothing carried
+        previous = self.stopper
+        # A second fit of the network this callback decided for continues that decision: the
+        # network has been trained, so a decision made now would not be made at its start.
+        continuing = not pending and previous is not None and previous.started
+        continuing = continuing and previous.model is model
+        if continuing:
+            assert previous is not None
+            pending = previous.state_dict()
+            if optimizers[0] is not previous.optimizer:  # configure_optimizers made a new one
+                pending["clock"] = {**pending["clock"], "momentum_buffer": None}
+                pending["clock"]["warm_start"] = False
+        elif not pending:  # a new run (a second fit of another network): nothing carried
             self._stop_signalled = False
             self.stopped_epoch = 0
             self.stopping_reason_message = None
             self.stopping_reason = self._reason("NOT_STOPPED")
         if pending:
             stopper.load_state_dict(pending)  # a resumed run keeps the saved decision
-            stopper.resume()
+            try:
+                stopper.resume()
+            except ValueError as err:
+                if not continuing:
+                    raise
+                raise ValueError(
+                    f"{err} This callback decided for this network in an earlier fit; for a new "
+                    "decision on other data, use a new REMLEarlyStopping."
+                ) from err
             steps = stopper.clock.steps if stopper.clock is not None else 0
-            if not stopper.should_stop and steps != trainer.global_step:
+            if continuing:
+                self._log(
+                    trainer,
+                    f"REMLEarlyStopping continues the decision of this network's earlier fit, "
+                    f"after its {steps} counted steps.",
+                )
+            elif not stopper.should_stop and steps != trainer.global_step:
                 logger.warning(
                     "REMLEarlyStopping resumed with %d counted steps but trainer.global_step = %d; "
                     "the stop step will be off by the difference.",
@@ -498,7 +522,7 @@ class REMLEarlyStoppingBody:
             "remlstop/target_steps": float(d.target_steps),
             "remlstop/df": float(d.fit.df),
             "remlstop/misfit": float(d.misfit),
-            "remlstop/t": float(stopper.clock.t) if stopper.clock is not None else 0.0,
+            "remlstop/t": float(stopper.t),
         }
         last_D = next((c.D for c in reversed(stopper.history) if c.D is not None), None)
         if last_D is not None:

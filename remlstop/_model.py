@@ -140,7 +140,23 @@ def optimizer_parameters(model: nn.Module, optimizer: Any) -> list[nn.Parameter]
             RuntimeWarning,
             stacklevel=3,
         )
+    outside = len(held - {id(p) for p in model.parameters()})
+    if outside:
+        warnings.warn(
+            f"the optimizer also updates {outside} parameter tensor(s) that are not the "
+            "model's; the kernel (M1), and so the decision, sees the model's alone. If the "
+            "trained function depends on them (a LightningModule's parameter outside the "
+            "callback's model=, say), pass the module that holds them all.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return updated
+
+
+def trained_size(model: nn.Module, optimizer: Any) -> int:
+    """Values in the model's trainable parameters that ``optimizer`` updates (P of M1)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in held)
 
 
 @contextlib.contextmanager

@@ -190,8 +190,9 @@ class GradientFlowClock:
         if not self.fixed_map:
             warnings.warn(
                 f"{type(optimizer).__name__} has no fixed map from steps to gradient-flow time "
-                "(METHOD M2); the clock's time is nominal. Use the loss-matched clock or the "
-                "trajectory rule.",
+                "(METHOD M2); the clock's own time is nominal, so REMLStopper reads the time from "
+                "the training residual at each check (the loss-matched clock). The trajectory "
+                "rule is the other choice.",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._baseline import Baseline, KernelView
-from ._model import device_dtype, evaluate, optimizer_parameters, trained_only
+from ._model import device_dtype, evaluate, optimizer_parameters, trained_only, trained_size
 from ._spectra import initial_spectra, nystrom_peak_bytes
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import evaluate_criteria
@@ -37,6 +37,9 @@ logger = logging.getLogger("remlstop")
 # A training MSE this many times the initial one means divergence, not a transient (gradient
 # descent at a stable step size does not raise the linearised model's loss at all).
 _DIVERGED = 10.0
+
+
+_STATE_KEYS = ("clock", "should_stop", "stop_step", "baseline", "kernel", "decision", "history")
 
 
 class REMLStopper:
@@ -280,6 +283,15 @@ class REMLStopper:
         if self.decision is None or self._baseline is None:
             raise RuntimeError("resume() follows load_state_dict(); use start() for a new run.")
         self._load_data(self._baseline.rows)
+        assert self._X is not None and self._Y is not None
+        shape = (self.decision.n_rows, self.decision.n_outputs)
+        outputs = evaluate(self.model, self._X[:1], finite=False).shape[1]
+        if tuple(self._Y.shape) != shape or outputs != shape[1]:
+            raise ValueError(
+                f"this state was saved for n = {shape[0]} rows of K = {shape[1]} outputs, but "
+                f"the data give targets of shape {tuple(self._Y.shape)} and the model "
+                f"{outputs} outputs: resume with the network and data it was saved from."
+            )
         return self.decision
 
     def _dt_now(self, batch_size_rows: int | None = None) -> float:
@@ -296,6 +308,8 @@ class REMLStopper:
         if self._Y is None:
             raise RuntimeError("call start() (or resume()) before step_time().")
         rows = list(batch_rows)
+        if any(isinstance(r, bool) or int(r) != r or r < 1 for r in rows):
+            raise ValueError(f"batch_rows must be positive integers (rows per batch); got {rows}.")
         if rows and len(set(rows)) > 1:
             return self._dt_now(1) * (sum(rows) / len(rows))
         return self._dt_now(rows[0] if rows else None)
@@ -309,6 +323,17 @@ class REMLStopper:
     def t_target(self) -> float:
         """The current stop time in gradient-flow units (re-estimated at refreshes)."""
         return math.nan if self._kernel is None else self._kernel.t_target
+
+    @property
+    def t(self) -> float:
+        """The gradient-flow time the time rule compares with :attr:`t_target` (M2): the
+        clock's under a fixed time map (SGD), else the loss-matched time at the last check;
+        0 before the first."""
+        if self.clock is None:
+            return 0.0
+        if self.clock.fixed_map:
+            return self.clock.t
+        return self.history[-1].t if self.history else 0.0
 
     @property
     def data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -339,6 +364,8 @@ class REMLStopper:
         assert self.clock is not None
         if self.should_stop:
             return True
+        if dt is not None and not isinstance(dt, (int, float, torch.Tensor, np.floating)):
+            raise TypeError(f"dt must be a number, a step's gradient-flow time; got {dt!r}.")
         step_dt = self._dt_now(batch_size_rows) if dt is None else float(dt)
         self.clock.count(step_dt)
         k = self.clock.steps
@@ -460,6 +487,7 @@ class REMLStopper:
                 "seconds": dict(d.seconds),
             },
             "history": [asdict(c) for c in self.history],
+            "trained_parameters": trained_size(self.model, self.optimizer),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -467,6 +495,19 @@ class REMLStopper:
         ``start()``, which resumes) before the next ``step()``."""
         if not state:
             return
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"not a REMLStopper state: it lacks {missing}; pass what state_dict() returned "
+                "(the callback keeps it under its checkpoint entry's 'stopper')."
+            )
+        saved_size, size = state.get("trained_parameters"), trained_size(self.model, self.optimizer)
+        if saved_size is not None and int(saved_size) != size:
+            raise ValueError(
+                f"this state was saved for a network with {int(saved_size)} trained parameters, "
+                f"but this stopper's model has {size} that its optimizer updates: load it into "
+                "the network (and optimizer) it was saved from."
+            )
         saved = state.get("criterion", "reml")
         if saved != self.options.criterion:
             raise ValueError(
@@ -480,6 +521,12 @@ class REMLStopper:
         self.stop_step = state["stop_step"]
         self.stopping_reason = state["stopping_reason"]
         self._baseline = Baseline.from_state(state["baseline"], device)
+        n_obs = int(state["decision"]["n_rows"]) * int(state["decision"]["n_outputs"])
+        if self._baseline.u0.numel() != n_obs:
+            raise ValueError(
+                f"this state is inconsistent: its residual has {self._baseline.u0.numel()} "
+                f"entries for n x K = {n_obs}; it was not saved by state_dict() as it is."
+            )
         self._kernel = KernelView.from_state(state["kernel"], device)
         self._X = self._Y = None
         criteria = evaluate_criteria(self._baseline.spectrum)

@@ -305,6 +305,26 @@ def test_callback_reused_for_a_second_fit_starts_afresh():
     assert second.global_step == round(cb.decision.fit.t / (2 * A * 0.025)) == cb.stopped_step
 
 
+def test_a_second_fit_of_the_same_network_continues_its_decision():
+    x, y = _data()
+    cb = REMLEarlyStopping(**PAPER)
+    model = Regressor(lr=0.05, momentum=0.5)
+    _trainer([cb], max_steps=30).fit(model, _loader(x, y))
+    first = cb.decision
+    second = _trainer([cb])
+    second.fit(model, _loader(x, y))  # configure_optimizers makes a fresh optimizer
+    uninterrupted = REMLEarlyStopping(**PAPER)
+    alone = _trainer([uninterrupted])
+    alone.fit(Regressor(lr=0.05, momentum=0.5), _loader(x, y))
+    assert cb.decision.fit.t == first.fit.t  # the decision made at the network's start
+    # The fresh optimizer's momentum buffer starts again, so the rest of the run is a little
+    # slower than the uninterrupted one: a step or two more, never fewer.
+    total = 30 + second.global_step
+    assert alone.global_step <= total <= alone.global_step + 2
+    with pytest.raises(ValueError, match="earlier fit; for a new decision on other data"):
+        _trainer([cb]).fit(model, _loader(x[:150], y[:150]))
+
+
 def test_refresh_re_estimates_t_hat_and_still_stops_on_the_clock():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # drift warnings: a width-64 net moves
@@ -512,6 +532,8 @@ def test_adam_warns_and_still_stops():
     nominal_dt = 2 * A * 1e-3
     assert cb.history[-1].t + 0.5 * nominal_dt >= cb.decision.fit.t
     assert cb.history[-2].t + 0.5 * nominal_dt < cb.decision.fit.t
+    assert cb.metrics["remlstop/t"] == cb.history[-1].t == cb.stopper.t  # not the nominal time
+    assert cb.stopper.clock.t != cb.stopper.t
 
 
 # ----------------------------------------------------------------- test and limits

@@ -116,3 +116,59 @@ def test_a_refresh_takes_the_kernel_over_the_optimizers_parameters_too():
     check = next(c for c in stopper.history if c.t_hat is not None)
     assert check.drift == pytest.approx(0.0, abs=1e-4)
     assert check.t_hat == pytest.approx(decision.t_target, rel=1e-3)
+
+
+def test_parameters_the_optimizer_updates_outside_the_model_are_warned_of():
+    m, X, Y, _ = _repro()
+    extra = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([*m.parameters(), extra], lr=0.05)
+    with pytest.warns(RuntimeWarning, match="also updates 1 parameter tensor"):
+        REMLStopper(m, X, Y, optimizer=opt).start()
+
+
+def _started(width=64):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 1))
+    X = torch.randn(120, 5)
+    Y = torch.sin(2 * X[:, :1])
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    stopper = REMLStopper(m, X, Y, optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stopper.start()
+    return stopper, m, X, Y
+
+
+def test_a_state_from_another_network_or_a_malformed_one_is_refused():
+    stopper, _, X, Y = _started(width=8)  # 5*8 + 8 + 8 + 1 = 57 trained parameters
+    state = stopper.state_dict()
+    wider, _, _, _ = _started(width=32)
+    with pytest.raises(ValueError, match="saved for a network with 57 trained parameters"):
+        wider.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"not a REMLStopper state: it lacks \['clock'"):
+        wider.load_state_dict({"weights": 1})
+    same, _, _, _ = _started(width=8)
+    cut = {**state, "baseline": {**state["baseline"], "u0": state["baseline"]["u0"][:100]}}
+    with pytest.raises(ValueError, match="its residual has 100 entries for n x K = 120"):
+        same.load_state_dict(cut)
+    # As many parameters (5*6 + 6 + 6*3 + 3 = 57) but three outputs: the resume says so.
+    torch.manual_seed(0)
+    three = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    other = REMLStopper(three, X, Y, optimizer=torch.optim.SGD(three.parameters(), lr=0.05))
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved for n = 120 rows of K = 1 outputs.*3 outputs"):
+        other.resume()
+
+
+def test_batch_rows_of_a_sum_reduced_step_must_be_positive_integers():
+    torch.manual_seed(0)
+    m, X, Y, opt = _repro()
+    stopper = REMLStopper(m, X, Y, optimizer=opt, loss="half_sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stopper.start()
+    for rows in ([3, 0], [-5, 5], [2.5, 3]):
+        with pytest.raises(ValueError, match="batch_rows must be positive integers"):
+            stopper.step_time(rows)
+    with pytest.raises(TypeError, match="dt must be a number"):
+        stopper.step(dt="a")
