@@ -45,6 +45,23 @@ def _pyplot() -> Any:
     return plt
 
 
+def _curve(curve: Any, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A ``(steps, values)`` curve as two 1-D float arrays of one non-zero length."""
+    if curve is None:
+        return None
+    try:
+        steps, values = curve
+        x, y = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (steps, values) of number sequences.") from None
+    if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+        raise ValueError(
+            f"{name} must be (steps, values), two 1-D sequences of one non-zero length; got "
+            f"shapes {x.shape} and {y.shape}."
+        )
+    return x, y
+
+
 def _unpack(obj: Any) -> tuple[Decision, list[Check], int | None]:
     """(decision, history, stop step) from a Decision, a REMLStopper or a REMLEarlyStopping."""
     from .decision import Decision
@@ -319,7 +336,8 @@ def plot_decision(
         stopper_or_decision: a :class:`~remlstop.Decision`, a started
             :class:`~remlstop.REMLStopper` or a ``REMLEarlyStopping`` callback.
         history: checks to plot instead of the stopper's own history.
-        path: save the figure there (PNG, 120 dpi) when given; parent folders are created.
+        path: save the figure there (120 dpi; the format from the suffix, PNG by default)
+            when given; parent folders are created.
         test_curve: ``(steps, values)`` of a test MSE curve, in the same units as panel (c).
         train_curve: ``(steps, values)`` of a training MSE curve recorded outside the stopper
             (used instead of the history).
@@ -332,6 +350,18 @@ def plot_decision(
     plt = _pyplot()
     decision, own_history, own_stop = _unpack(stopper_or_decision)
     checks = list(history) if history is not None else own_history
+    from .decision import Check
+
+    if not all(isinstance(c, Check) for c in checks):
+        raise TypeError("history must be a sequence of remlstop Check entries (stopper.history).")
+    test_curve = _curve(test_curve, "test_curve")
+    train_curve = _curve(train_curve, "train_curve")
+    if stop_step is not None and (
+        isinstance(stop_step, bool) or not isinstance(stop_step, (int, np.integer)) or stop_step < 0
+    ):
+        raise ValueError(f"stop_step must be a non-negative integer step; got {stop_step!r}.")
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; give a file name, e.g. decision.png.")
     stop = stop_step if stop_step is not None else own_stop
     fig, grid = plt.subplots(2, 2, figsize=(13, 9))
     axes = grid.ravel()

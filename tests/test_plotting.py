@@ -121,6 +121,29 @@ def test_rejects_objects_without_decision():
         plot_decision(object())
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"test_curve": ([1, 2, 3], [0.5, 0.4])}, ValueError, "shapes \\(3,\\) and \\(2,\\)"),
+        ({"train_curve": ([], [])}, ValueError, "non-zero length"),
+        ({"test_curve": [0.1, 0.2, 0.3]}, TypeError, "a pair \\(steps, values\\)"),
+        ({"stop_step": "10"}, ValueError, "non-negative integer step"),
+        ({"stop_step": -5}, ValueError, "non-negative integer step"),
+        ({"history": [1, 2]}, TypeError, "Check entries"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_argument(kwargs, error, match):
+    stopper, _ = _small_stopper(track_residual=False)
+    with pytest.raises(error, match=match):
+        plot_decision(stopper, **kwargs)
+
+
+def test_a_folder_is_not_a_file_to_save_to(tmp_path):
+    stopper, _ = _small_stopper(track_residual=False)
+    with pytest.raises(ValueError, match="is a folder"):
+        plot_decision(stopper, path=tmp_path)
+
+
 def test_missing_matplotlib_message(monkeypatch):
     import builtins
 
