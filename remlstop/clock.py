@@ -228,7 +228,10 @@ class GradientFlowClock:
         if not self.fixed_map:
             return base, 1.0, 0.0, 0.0
         if group.get("maximize", False):
-            raise ValueError("SGD(maximize=True) ascends the loss; there is no gradient-flow time.")
+            raise ValueError(
+                "SGD(maximize=True) ascends its objective, which has no gradient-flow time on a "
+                "squared-error loss; minimise the loss itself (maximize=False)."
+            )
         momentum = _sgd_momentum(group)
         c, e = _momentum_map(*momentum, self._buffer_now(*momentum))
         return base, c, e, momentum[0]

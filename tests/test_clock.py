@@ -479,3 +479,10 @@ def test_lightning_wrapped_sgd_has_fixed_map():
 def test_lossspec_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         LossSpec("mse", 1.0, "mean").a = 2.0
+
+
+def test_maximize_is_refused_with_the_way_out():
+    w = nn.Parameter(torch.zeros(1))
+    clock = GradientFlowClock(torch.optim.SGD([w], lr=0.1, maximize=True), "half_mse")
+    with pytest.raises(ValueError, match=r"maximize=True.*minimise the loss itself"):
+        clock.dt_per_step()
