@@ -132,5 +132,5 @@ class Baseline:
             test_spectrum=spectrum if saved_test is None else _spectrum_from_state(saved_test),
             H0=None if state["H0"] is None else state["H0"].to(device),
             unstable=bool(state.get("unstable", False)),
-            rows=state.get("rows"),
+            rows=None if state.get("rows") is None else state["rows"].cpu(),
         )

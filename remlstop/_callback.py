@@ -230,7 +230,7 @@ class REMLEarlyStoppingBody:
         self.metrics: dict[str, float] = {}
         self._pending_state: dict[str, Any] | None = None
         self._stop_signalled = False
-        self._step_dts: list[float] = []
+        self._step_dts: list[float | None] = []
         self._rows_since_step: list[int] = []
         self._batches_since_step = 0
         self._global_step_seen = 0
@@ -411,13 +411,11 @@ class REMLEarlyStoppingBody:
             return
         rows, batches = self._rows_since_step, self._batches_since_step
         self._rows_since_step, self._batches_since_step = [], 0
-        if not _has_gradients(optimizer):
-            # training_step returned None: Lightning still calls this hook and counts a global
-            # step, but the optimizer skips every parameter, so no gradient-flow time passes.
-            self._step_dts.append(0.0)
-            return
-        if _scaler_skips(trainer, optimizer):
-            self._step_dts.append(0.0)
+        if not _has_gradients(optimizer) or _scaler_skips(trainer, optimizer):
+            # training_step returned None (Lightning still calls this hook and counts a global
+            # step, but the optimizer skips every parameter), or the scaler skips the step: no
+            # gradient-flow time passes and the momentum buffer stays (None marks it).
+            self._step_dts.append(None)
             return
         dt = stopper.step_time(rows)
         factor = self._clip_factor(trainer, optimizer) * _accumulation_factor(
@@ -463,7 +461,10 @@ class REMLEarlyStoppingBody:
         dts = self._step_dts[: max(taken, 0)] if len(self._step_dts) > taken else self._step_dts
         if self._step_dts:  # an optimizer step happened on this batch (not while accumulating)
             for dt in dts:
-                stopper.step(dt=dt)
+                if dt is None:
+                    stopper.step(skipped=True)
+                else:
+                    stopper.step(dt=dt)
             self._step_dts = []
             # The same number of steps on every rank, so every rank reaches this collective.
             stop = trainer.strategy.reduce_boolean_decision(bool(stopper.should_stop), all=False)

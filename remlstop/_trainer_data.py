@@ -39,16 +39,35 @@ def trainer_xy(trainer: Any, batch_to_xy: Callable | None) -> tuple[torch.Tensor
             "REMLEarlyStopping found no train dataloader; pass data=(X, Y) to the callback."
         )
     loader = _trained_batches(trainer, loader)
-    if not distributed(trainer) or every_row_loader(loader) is not loader:
-        # Every rank reads the whole dataset itself when its shard leaves shuffled rows out.
+    if not distributed(trainer):
         return collect_xy(loader, batch_to_xy=batch_to_xy)
     local: tuple[torch.Tensor, torch.Tensor] | None = None
     error: str | None = None
-    try:
-        local = collect_xy(loader, batch_to_xy=batch_to_xy)
-    except (TypeError, ValueError) as err:  # every rank must reach the gather
-        error = f"{type(err).__name__}: {err}"
+    whole = every_row_loader(loader) is not loader
+    # A shard that leaves shuffled rows out: rank 0 reads the whole dataset and sends it, so
+    # every rank holds the same values even where the dataset augments at random.
+    if not whole or trainer.global_rank == 0:
+        try:
+            local = collect_xy(loader, batch_to_xy=batch_to_xy)
+        except (TypeError, ValueError) as err:  # every rank must reach the collective
+            error = f"{type(err).__name__}: {err}"
+    if whole:
+        return _from_rank_zero(local, error)
     return _gather_full_data(trainer, loader, local, error)
+
+
+def _from_rank_zero(
+    local: tuple[torch.Tensor, torch.Tensor] | None, error: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0's (X, Y) on every rank."""
+    payload: list[Any] = [
+        ("error", error) if local is None else ("ok", (local[0].cpu(), local[1].cpu()))
+    ]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise ValueError(f"REMLEarlyStopping could not collect the training data: {value}")
+    return value
 
 
 def _trained_batches(trainer: Any, loader: Any) -> Any:

@@ -342,13 +342,17 @@ class GradientFlowClock:
         """Count one step: add :meth:`dt_per_step` to ``t``, increment ``steps``; returns ``t``."""
         return self.count(self.dt_per_step(batch_size_rows, n_outputs))
 
-    def count(self, dt: float) -> float:
+    def count(self, dt: float, *, skipped: bool = False) -> float:
         """Count one step of gradient-flow time ``dt`` read earlier (by :meth:`dt_per_step`
-        before the optimizer moved, say); returns ``t``."""
+        before the optimizer moved, say); returns ``t``. ``skipped``: the optimizer did not
+        step (a ``GradScaler`` found inf gradients, or there were none), so no time passes and
+        the momentum buffer stays as it was; ``dt`` must then be 0."""
         dt = float(dt)
         if not (math.isfinite(dt) and dt >= 0.0):
             raise ValueError(f"a step's gradient-flow time must be finite and >= 0; got {dt}.")
-        if self.fixed_map:
+        if skipped and dt != 0.0:
+            raise ValueError(f"a skipped step moves nothing: its time must be 0, got {dt}.")
+        if self.fixed_map and not skipped:
             read = self._read
             momentum = read[1] if read is not None and read[0] == self.steps + 1 else None
             momentum = momentum or self._momentum()

@@ -21,6 +21,7 @@ __all__ = [
     "as_target_matrix",
     "every_row_loader",
     "row_keys",
+    "find_rows",
     "match_rows",
 ]
 
@@ -250,34 +251,48 @@ _KEY_CHUNK = 2**22  # values hashed at once
 def row_keys(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """(n, 2) int64 keys of the rows of (X, Y), X (n, ...) and Y (n, ...): equal rows have equal
     keys wherever they sit in the data, distinct rows differ but with probability about 2^-64
-    per key. Each key is Σ_j bits_ij a_j mod 2^64 over the float64 bit patterns of the row's
-    values, with fixed random odd multipliers a_j: exact integer arithmetic, so a row's key does
-    not depend on its batch or position, as a floating-point projection's rounding could."""
+    per key. Each key is Σ_j bits_ij a_j mod 2^64 over the bit patterns of the row's values
+    (float64 for floats, int64 for integers, real and imaginary parts of complex numbers), with
+    fixed random odd multipliers a_j: exact integer arithmetic, so a row's key does not depend
+    on its batch or position, as a floating-point projection's rounding could."""
     n = X.shape[0]
-    values = [X.detach().reshape(n, -1), Y.detach().reshape(n, -1)]
+    values = [_real(T.detach().reshape(n, -1)) for T in (X, Y)]
     width = sum(v.shape[1] for v in values)
     rng = np.random.default_rng(_KEY_SEED)
     multipliers = rng.integers(0, 2**63, size=(width, 2), dtype=np.uint64) * 2 + 1
     keys = np.zeros((n, 2), dtype=np.uint64)
     step = max(1, _KEY_CHUNK // max(1, width))
     for start in range(0, n, step):
-        rows = torch.cat([v[start : start + step].to("cpu", torch.float64) for v in values], 1)
-        rows += 0.0  # -0.0 becomes 0.0: equal values, equal bits
-        bits = rows.numpy().view(np.uint64)
+        bits = np.concatenate([_bits(v[start : start + step]) for v in values], axis=1)
         with np.errstate(over="ignore"):
             keys[start : start + step] = bits @ multipliers
     return torch.from_numpy(keys.view(np.int64))
 
 
+def _real(T: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor's values as real columns (complex ones as real and imaginary parts)."""
+    return torch.view_as_real(T).flatten(1) if T.is_complex() else T
+
+
+def _bits(block: torch.Tensor) -> np.ndarray:
+    """The uint64 bit patterns of a block of real values: integers (and booleans) as int64,
+    floats as float64 with -0.0 made 0.0 (equal values, equal bits)."""
+    block = block.cpu()
+    if block.is_floating_point():
+        return (block.double() + 0.0).numpy().view(np.uint64)
+    return block.long().numpy().view(np.uint64)
+
+
 def _as_void(keys: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(keys.numpy()).view(np.dtype((np.void, 16))).ravel()
+    return np.ascontiguousarray(keys.cpu().numpy()).view(np.dtype((np.void, 16))).ravel()
 
 
-def match_rows(saved: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """Indices into the rows of (X, Y) that give the rows whose :func:`row_keys` are ``saved``
-    ((m, 2)), in that order: the data a decision was made on, found again in the data given at
-    resume whatever their order (a shuffled loader, another process's seed) and whether or not
-    a ``max_samples`` subset was drawn from them. ValueError when they are not all there."""
+def find_rows(saved: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(index, missing): ``index`` into the rows of (X, Y) that gives the rows whose
+    :func:`row_keys` are ``saved`` ((m, 2)), in that order, whatever the order of (X, Y) (a
+    shuffled loader, another process's seed) and whether or not a ``max_samples`` subset was
+    drawn from them; ``missing``, how many saved rows are not there (``index`` is then
+    meaningless)."""
     have, want = _as_void(row_keys(X, Y)), _as_void(saved)
     have_order = np.argsort(have, kind="stable")
     want_order = np.argsort(want, kind="stable")
@@ -287,12 +302,18 @@ def match_rows(saved: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.T
     position = np.searchsorted(have_sorted, want_sorted, side="left") + repeat
     found = position < have.size
     found[found] = have_sorted[position[found]] == want_sorted[found]
-    if not found.all():
+    index = np.zeros(want.size, dtype=np.int64)
+    index[want_order[found]] = have_order[position[found]]
+    return torch.from_numpy(index), int((~found).sum())
+
+
+def match_rows(saved: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """:func:`find_rows`'s index, or a ValueError naming how many saved rows are missing."""
+    index, missing = find_rows(saved, X, Y)
+    if missing:
         raise ValueError(
-            f"{int((~found).sum())} of the {want.size} rows the saved decision was made on are "
-            f"not among the {have.size} training rows given at resume (every row of X and Y is "
-            "compared, in any order): resume with the data the decision was made on."
+            f"{missing} of the {saved.shape[0]} rows the saved decision was made on are not "
+            f"among the {X.shape[0]} training rows given (every value of X and Y is compared, "
+            "in any order): give the data the decision was made on."
         )
-    index = np.empty(want.size, dtype=np.int64)
-    index[want_order] = have_order[position]
-    return torch.from_numpy(index)
+    return index

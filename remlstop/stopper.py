@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from ._model import device_dtype, evaluate, optimizer_parameters, trained_only, 
 from ._spectra import initial_spectra, nystrom_peak_bytes
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import evaluate_criteria
-from .data import as_target_matrix, collect_xy, match_rows, row_keys
+from .data import as_target_matrix, collect_xy, find_rows, row_keys
 from .decision import Check, Decision
 from .ntk import empirical_ntk
 from .options import StopperOptions
@@ -39,7 +40,16 @@ logger = logging.getLogger("remlstop")
 _DIVERGED = 10.0
 
 
-_STATE_KEYS = ("clock", "should_stop", "stop_step", "baseline", "kernel", "decision", "history")
+_STATE_KEYS = (
+    "clock",
+    "should_stop",
+    "stop_step",
+    "stopping_reason",
+    "baseline",
+    "kernel",
+    "decision",
+    "history",
+)
 
 
 class REMLStopper:
@@ -99,6 +109,7 @@ class REMLStopper:
         # at refreshes); both restored as units by load_state_dict().
         self._baseline: Baseline | None = None
         self._kernel: KernelView | None = None
+        self._collected: int | None = None  # rows collected for a loaded decision
         # The training data the checks read, loaded by start() or resume().
         self._X: torch.Tensor | None = None
         self._Y: torch.Tensor | None = None
@@ -258,15 +269,34 @@ class REMLStopper:
                 )
         return self.decision
 
-    def _load_data(self, rows: torch.Tensor | None = None) -> None:
+    def _load_data(self, rows: torch.Tensor | None = None, collected: int | None = None) -> None:
         """(X, Y) onto the model's device, and the clock when there is none yet (M2); with
-        ``rows`` (saved :func:`row_keys`), those rows in their saved order."""
+        ``rows`` (saved :func:`row_keys`), those rows in their saved order, found among the
+        data collected now; ``collected``: how many rows were collected then."""
         o = self.options
         X, Y = collect_xy(self._data, batch_to_xy=self._batch_to_xy)
         n_full = X.shape[0]
+        missing = 0
         if rows is not None:
-            index = match_rows(rows, X, Y).to(X.device)
-            X, Y = X[index], Y[index]
+            index, missing = find_rows(rows, X, Y)
+            if missing and n_full != collected:
+                raise ValueError(
+                    f"{missing} of the {rows.shape[0]} rows the saved decision was made on are "
+                    f"not among the {n_full} training rows given at resume (collected then: "
+                    f"{collected if collected is not None else 'unknown'}): resume with the "
+                    "data the decision was made on."
+                )
+            if missing:
+                warnings.warn(
+                    f"{missing} of the {rows.shape[0]} rows the saved decision was made on are "
+                    f"not among the training rows given at resume, which are as many as then "
+                    f"({n_full}): taken to be the same rows with other values, as a dataset that "
+                    "augments at random gives, the checks read them as they come now.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        if rows is not None and not missing:
+            X, Y = X[index.to(X.device)], Y[index.to(Y.device)]
         elif o.max_samples is not None and o.max_samples < n_full:
             X, Y = collect_xy((X, Y), max_samples=o.max_samples, generator=o.seed)
         device, _ = device_dtype(self.model)
@@ -282,7 +312,7 @@ class REMLStopper:
         question). Returns that decision."""
         if self.decision is None or self._baseline is None:
             raise RuntimeError("resume() follows load_state_dict(); use start() for a new run.")
-        self._load_data(self._baseline.rows)
+        self._load_data(self._baseline.rows, self._collected)
         assert self._X is not None and self._Y is not None
         shape = (self.decision.n_rows, self.decision.n_outputs)
         outputs = evaluate(self.model, self._X[:1], finite=False).shape[1]
@@ -346,13 +376,20 @@ class REMLStopper:
         """The spectrum the rules read now: the initial kernel's, or the last refresh's."""
         return None if self._kernel is None else self._kernel.spectrum
 
-    def step(self, *, dt: float | None = None, batch_size_rows: int | None = None) -> bool:
+    def step(
+        self,
+        *,
+        dt: float | None = None,
+        batch_size_rows: int | None = None,
+        skipped: bool = False,
+    ) -> bool:
         """Count one optimizer step and return True when the rule says stop (M2, M4).
 
         Call it after ``optimizer.step()`` and before ``scheduler.step()``, so the clock reads
         the learning rate the step used; or pass ``dt`` read earlier (the Lightning callback
         reads it before the optimizer step). ``batch_size_rows`` is needed for sum-reduced
-        losses only.
+        losses only. ``skipped=True`` for a step the optimizer did not take (one a
+        ``torch.amp.GradScaler`` skipped): no time passes and the momentum count stays.
         """
         if not self.started:
             raise RuntimeError("call start() before the first step() (it computes the decision).")
@@ -364,10 +401,17 @@ class REMLStopper:
         assert self.clock is not None
         if self.should_stop:
             return True
-        if dt is not None and not isinstance(dt, (int, float, torch.Tensor, np.floating)):
+        if dt is not None and (
+            isinstance(dt, bool) or not isinstance(dt, (numbers.Real, torch.Tensor))
+        ):
             raise TypeError(f"dt must be a number, a step's gradient-flow time; got {dt!r}.")
-        step_dt = self._dt_now(batch_size_rows) if dt is None else float(dt)
-        self.clock.count(step_dt)
+        if skipped:
+            step_dt = 0.0
+        elif dt is None:
+            step_dt = self._dt_now(batch_size_rows)
+        else:
+            step_dt = float(dt)
+        self.clock.count(step_dt, skipped=skipped)
         k = self.clock.steps
         assert self._baseline is not None and self._kernel is not None
 
@@ -488,6 +532,7 @@ class REMLStopper:
             },
             "history": [asdict(c) for c in self.history],
             "trained_parameters": trained_size(self.model, self.optimizer),
+            "collected_rows": self.clock.n_total,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -520,6 +565,7 @@ class REMLStopper:
         self.should_stop = bool(state["should_stop"])
         self.stop_step = state["stop_step"]
         self.stopping_reason = state["stopping_reason"]
+        self._collected = state.get("collected_rows")
         self._baseline = Baseline.from_state(state["baseline"], device)
         n_obs = int(state["decision"]["n_rows"]) * int(state["decision"]["n_outputs"])
         if self._baseline.u0.numel() != n_obs:

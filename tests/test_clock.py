@@ -486,3 +486,23 @@ def test_maximize_is_refused_with_the_way_out():
     clock = GradientFlowClock(torch.optim.SGD([w], lr=0.1, maximize=True), "half_mse")
     with pytest.raises(ValueError, match=r"maximize=True.*minimise the loss itself"):
         clock.dt_per_step()
+
+
+def test_a_skipped_step_adds_no_time_and_leaves_the_momentum_count():
+    # A GradScaler skips the first steps (inf gradients): the optimizer's buffer does not move,
+    # so neither does the clock's, and every later step's Δt is still the parameter's move.
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.05, momentum=0.9)
+    clock = GradientFlowClock(opt, "half_mse")
+    for _ in range(3):
+        clock.count(0.0, skipped=True)
+    assert clock.t == 0.0 and clock.steps == 3
+    for step in range(20):
+        dt = clock.dt_per_step()
+        before = w.detach().clone()
+        w.grad = torch.ones_like(w)
+        opt.step()
+        assert float(before - w.detach()) == pytest.approx(dt, rel=1e-12), step
+        clock.count(dt)
+    with pytest.raises(ValueError, match="a skipped step moves nothing"):
+        clock.count(0.1, skipped=True)
