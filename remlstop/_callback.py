@@ -129,6 +129,15 @@ def _has_gradients(optimizer: Any) -> bool:
     return any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
 
 
+def _fingerprint(model: nn.Module) -> tuple[tuple[int, ...], float]:
+    """The model's parameter objects and a checksum of their values: a later fit of the same
+    network, as this fit left it, has both."""
+    params = list(model.parameters())
+    with torch.no_grad():
+        total = sum(float((p.double() * (1.0 + i)).sum()) for i, p in enumerate(params))
+    return tuple(id(p) for p in params), total
+
+
 def _scaler_skips(trainer: Any, optimizer: Any) -> bool:
     """Whether the precision plugin's gradient scaler will skip this step: Lightning unscales
     the gradients before this hook, and ``GradScaler.step`` skips the step exactly when they
@@ -234,6 +243,7 @@ class REMLEarlyStoppingBody:
         self._rows_since_step: list[int] = []
         self._batches_since_step = 0
         self._global_step_seen = 0
+        self._fit_end_parameters: tuple[tuple[int, ...], float] | None = None
         self._logged_once = False
         self._warned_clip = False
 
@@ -316,10 +326,10 @@ class REMLEarlyStoppingBody:
         stopper = REMLStopper(model, (X, Y), optimizer=optimizers[0], options=self.options)
         pending, self._pending_state = self._pending_state, None
         previous = self.stopper
-        # A second fit of the network this callback decided for continues that decision: the
-        # network has been trained, so a decision made now would not be made at its start.
+        # A second fit of the network this callback decided for, as the first fit left it,
+        # continues that decision: a decision made now would not be made at its start.
         continuing = not pending and previous is not None and previous.started
-        continuing = continuing and previous.model is model
+        continuing = continuing and self._fit_end_parameters == _fingerprint(model)
         if continuing:
             assert previous is not None
             pending = previous.state_dict()
@@ -344,10 +354,11 @@ class REMLEarlyStoppingBody:
                 ) from err
             steps = stopper.clock.steps if stopper.clock is not None else 0
             if continuing:
+                done = "; it had stopped, so this fit stops at once" if stopper.should_stop else ""
                 self._log(
                     trainer,
                     f"REMLEarlyStopping continues the decision of this network's earlier fit, "
-                    f"after its {steps} counted steps.",
+                    f"after its {steps} counted steps{done}.",
                 )
             elif not stopper.should_stop and steps != trainer.global_step:
                 logger.warning(
@@ -503,6 +514,8 @@ class REMLEarlyStoppingBody:
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._stop_signalled:
             self.stopped_step = int(trainer.global_step)
+        if self.stopper is not None:
+            self._fit_end_parameters = _fingerprint(self.stopper.model)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.stopper is None and not trainer.fast_dev_run and trainer.num_training_batches == 0:

@@ -153,12 +153,6 @@ def optimizer_parameters(model: nn.Module, optimizer: Any) -> list[nn.Parameter]
     return updated
 
 
-def trained_size(model: nn.Module, optimizer: Any) -> int:
-    """Values in the model's trainable parameters that ``optimizer`` updates (P of M1)."""
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in held)
-
-
 @contextlib.contextmanager
 def trained_only(model: nn.Module, trained: list[nn.Parameter]) -> Iterator[None]:
     """The body sees only ``trained`` as trainable (requires_grad restored afterwards), so the

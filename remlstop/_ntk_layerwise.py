@@ -103,8 +103,10 @@ def _hooked(model: nn.Module, layers: list[nn.Module]) -> str | None:
     the ``nn.Sequential`` containers, so their forward hooks and pre-hooks, which may change what
     the network computes (the old ``weight_norm`` and ``spectral_norm`` are such pre-hooks),
     would not run; their backward hooks do not run either, which is right: the kernel is the
-    forward map's. The row-wise modules are called as modules, so their forward hooks run, and
-    so would their backward hooks, which could change the gradients the features are read from.
+    forward map's. The row-wise modules are called as modules, so that their forward hooks run,
+    except those with a backward hook, whose ``forward`` is called (:func:`_call`), so that it
+    cannot change the gradients the features are read from; such a module cannot also have a
+    forward hook.
     """
     module_hooks = nn.modules.module
     if any(getattr(module_hooks, f"_global{name}", None) for name in _FORWARD_HOOKS):
@@ -114,11 +116,28 @@ def _hooked(model: nn.Module, layers: list[nn.Module]) -> str | None:
     called = {id(layer) for layer in layers if not isinstance(layer, _LAYERS)}
     for name, m in model.named_modules():
         where = f"{type(m).__name__} {name or '(the model)'}"
-        if id(m) not in called and any(getattr(m, attr, None) for attr in _FORWARD_HOOKS):
+        if id(m) not in called and _has_forward_hooks(m):
             return f"{where} has a forward hook or pre-hook, which the layer-wise formula bypasses"
-        if id(m) in called and any(getattr(m, attr, None) for attr in _BACKWARD_HOOKS):
-            return f"{where} has a backward hook, which could change the gradients it reads"
+        if id(m) in called and _has_backward_hooks(m) and _has_forward_hooks(m):
+            return (
+                f"{where} has a forward hook, which must run, and a backward hook, which could "
+                "change the gradients the layer-wise formula reads"
+            )
     return None
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, attr, None) for attr in _FORWARD_HOOKS)
+
+
+def _has_backward_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, attr, None) for attr in _BACKWARD_HOOKS)
+
+
+def _call(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A row-wise module on ``h``: through ``forward`` when it has backward hooks (it has no
+    forward hook then, :func:`_hooked`), which would otherwise run in the features' backward."""
+    return layer.forward(h) if _has_backward_hooks(layer) else layer(h)
 
 
 def delegate(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
@@ -492,7 +511,7 @@ def _layer_features(
             h = xc.detach().requires_grad_(True) if xc.is_floating_point() else xc.detach()
             for layer in layers:
                 if not isinstance(layer, _LAYERS):
-                    h = layer(h)
+                    h = _call(layer, h)
                     continue
                 if id(layer) in inputs:
                     inputs[id(layer)][start : start + rows] = h.detach()

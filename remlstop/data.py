@@ -6,6 +6,7 @@ Targets must be real-valued: the theory covers squared-error losses only (M1, M6
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -193,9 +194,25 @@ def every_row_loader(data: Any) -> Any:
         partial = sampler.drop_last
     else:
         return data
-    if not (partial or data.drop_last):
+    if not (partial or (data.drop_last and len(sampler) % data.batch_size)):
         return data
-    return DataLoader(data.dataset, batch_size=data.batch_size, collate_fn=data.collate_fn)
+    if type(data) is not DataLoader:  # a subclass may batch its own way: not rebuilt
+        warnings.warn(
+            f"this {type(data).__name__} shuffles and leaves rows out of each epoch, so the "
+            "decision reads one epoch's random subset of the rows; pass every row as (X, Y) "
+            "tensors to decide on all of them.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return data
+    return DataLoader(
+        data.dataset,
+        batch_size=data.batch_size,
+        collate_fn=data.collate_fn,
+        num_workers=data.num_workers,
+        worker_init_fn=data.worker_init_fn,
+        multiprocessing_context=data.multiprocessing_context if data.num_workers else None,
+    )
 
 
 def _is_array(obj: Any) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._baseline import Baseline, KernelView
-from ._model import device_dtype, evaluate, optimizer_parameters, trained_only, trained_size
+from ._model import device_dtype, evaluate, optimizer_parameters, trained_only
 from ._spectra import initial_spectra, nystrom_peak_bytes
 from .clock import GradientFlowClock, LossSpec, loss_matched_time
 from .criteria import evaluate_criteria
@@ -531,7 +531,7 @@ class REMLStopper:
                 "seconds": dict(d.seconds),
             },
             "history": [asdict(c) for c in self.history],
-            "trained_parameters": trained_size(self.model, self.optimizer),
+            "model_parameters": sum(p.numel() for p in self.model.parameters()),
             "collected_rows": self.clock.n_total,
         }
 
@@ -546,12 +546,13 @@ class REMLStopper:
                 f"not a REMLStopper state: it lacks {missing}; pass what state_dict() returned "
                 "(the callback keeps it under its checkpoint entry's 'stopper')."
             )
-        saved_size, size = state.get("trained_parameters"), trained_size(self.model, self.optimizer)
+        # The whole network's size, not the trained part's, which freezing schedules change.
+        saved_size = state.get("model_parameters")
+        size = sum(p.numel() for p in self.model.parameters())
         if saved_size is not None and int(saved_size) != size:
             raise ValueError(
-                f"this state was saved for a network with {int(saved_size)} trained parameters, "
-                f"but this stopper's model has {size} that its optimizer updates: load it into "
-                "the network (and optimizer) it was saved from."
+                f"this state was saved for a network with {int(saved_size)} parameters, but "
+                f"this stopper's model has {size}: load it into the network it was saved from."
             )
         saved = state.get("criterion", "reml")
         if saved != self.options.criterion:

@@ -323,6 +323,10 @@ def test_a_second_fit_of_the_same_network_continues_its_decision():
     assert alone.global_step <= total <= alone.global_step + 2
     with pytest.raises(ValueError, match="earlier fit; for a new decision on other data"):
         _trainer([cb]).fit(model, _loader(x[:150], y[:150]))
+    # The same network re-initialised is a new start: a new decision.
+    model.net[0].reset_parameters()
+    _trainer([cb], max_steps=1).fit(model, _loader(x, y))
+    assert cb.decision is not first and cb.stopper.clock.steps == 1
 
 
 def test_refresh_re_estimates_t_hat_and_still_stops_on_the_clock():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -220,14 +219,6 @@ def _container_hook() -> nn.Module:
     return model
 
 
-def _old_backward_hook() -> nn.Module:  # fires on the row-wise module the backend calls
-    model = _mlp()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model[1].register_backward_hook(lambda module, grad_in, grad_out: (2 * grad_in[0],))
-    return model
-
-
 NOT_TORCH_FORWARD = {
     "subclass overriding forward": (_subclassed, "overrides the forward"),
     "Sequential subclass overriding forward": (_residual, "overrides the forward"),
@@ -237,7 +228,6 @@ NOT_TORCH_FORWARD = {
     "forward hook on a Linear": (_forward_hook, "forward hook"),
     "forward pre-hook on a Linear": (_forward_pre_hook, "pre-hook"),
     "forward hook on the Sequential": (_container_hook, "forward hook"),
-    "backward hook on a row-wise module": (_old_backward_hook, "backward hook"),
 }
 
 
@@ -271,24 +261,31 @@ def test_subclasses_that_keep_torchs_forward_and_hooks_on_row_wise_modules_stay_
     assert rel_err(H, empirical_ntk(model, X, path="generic")) < 1e-6
 
 
-def test_backward_hooks_on_the_layers_leave_the_kernel_of_the_forward_map() -> None:
+def test_backward_hooks_leave_the_kernel_of_the_forward_map() -> None:
     model = _mlp()
     reference = empirical_ntk(model, X)
     model[0].register_full_backward_hook(lambda module, grad_in, grad_out: (2 * grad_in[0],))
     model.register_full_backward_pre_hook(lambda module, grad_out: (3 * grad_out[0],))
+    # On a row-wise module too: the layer-wise path calls its forward, past the hook.
+    model[1].register_full_backward_hook(lambda module, grad_in, grad_out: (5 * grad_in[0],))
     H, info = empirical_ntk(model, X, return_info=True)
     assert info.path == "layerwise"
     torch.testing.assert_close(H, reference, rtol=0, atol=0)
+    assert ntk_trace(model, X) == pytest.approx(float(reference.trace()), rel=1e-6)
 
 
 def test_a_full_backward_hook_that_no_backend_can_run_through_is_refused_clearly() -> None:
     model = _mlp()
+    # A row-wise module whose forward hook must run and whose backward hook must not.
+    model[1].register_forward_hook(lambda module, inputs, output: None)
     model[1].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    _, info = empirical_ntk(_mlp(), X, return_info=True)
+    assert info.path == "layerwise"
     for path in ("auto", "generic"):
         with pytest.raises(ValueError, match=r"Tanh 1 has a full backward hook.*p\.register_hook"):
             empirical_ntk(model, X, path=path)
-    with pytest.raises(ValueError, match="Tanh 1 has a full backward hook"):
-        ntk_trace(model, X)
+    with pytest.raises(ValueError, match="a forward hook, which must run, and a backward hook"):
+        empirical_ntk(model, X, path="layerwise")
 
 
 def test_a_rebuilt_forward_that_differs_from_the_model_is_caught(monkeypatch) -> None:

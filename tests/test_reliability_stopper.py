@@ -143,7 +143,7 @@ def test_a_state_from_another_network_or_a_malformed_one_is_refused():
     stopper, _, X, Y = _started(width=8)  # 5*8 + 8 + 8 + 1 = 57 trained parameters
     state = stopper.state_dict()
     wider, _, _, _ = _started(width=32)
-    with pytest.raises(ValueError, match="saved for a network with 57 trained parameters"):
+    with pytest.raises(ValueError, match="saved for a network with 57 parameters"):
         wider.load_state_dict(state)
     with pytest.raises(ValueError, match=r"not a REMLStopper state: it lacks \['clock'"):
         wider.load_state_dict({"weights": 1})
