@@ -88,8 +88,8 @@ def flatten_sequential(model: nn.Module) -> list[nn.Module]:
 def _overrides_forward(module: nn.Module) -> bool:
     """Whether ``module``'s class takes its ``forward`` from outside ``torch.nn`` (a subclass that
     rescales a Linear's output, say): the formulas here hold for torch's layers only."""
-    owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
-    return not owner.__module__.startswith("torch.nn.")
+    base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.")), None)
+    return base is None or type(module).forward is not base.forward
 
 
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
