@@ -7,10 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .qform import qform_tail, satterthwaite
+from .qform import TailProbability, qform_tail, satterthwaite
 from .spectrum import KernelSpectrum
 
 __all__ = ["VarianceComponentTest", "variance_component_test"]
+
+# Eigenvalues within this relative spread of one another are one eigenvalue: a kernel that is a
+# multiple of the identity, up to the rounding of its decomposition.
+_EQUAL = 1e-10
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class VarianceComponentTest:
         statistic: R = u^T M u / u^T u (u projected off the covariates).
         null_mean: E[R] under H0 = tr(M) / m (= lambda-bar with no covariates).
         pvalue: exact P(R >= statistic) under H0.
-        method: how the p-value was computed ('davies', 'saddlepoint' or 'exact').
+        method: how the p-value was computed ('davies', 'imhof', 'saddlepoint' or 'exact').
         pvalue_satterthwaite: two-moment approximation, for comparison only.
         alpha: the level of the decision.
         train: True when pvalue < alpha: the residual carries signal the kernel can fit.
@@ -88,7 +92,16 @@ def variance_component_test(
     mu = spectrum.eigenvalues
     z2 = spectrum.z**2
     statistic = float(np.dot(mu, z2) / z2.sum())
-    tail = qform_tail(mu - statistic, 0.0, dof=spectrum.multiplicity)
+    if float(mu.max() - mu.min()) <= _EQUAL * float(np.abs(mu).max()):
+        # A multiple of the identity: R is its null mean whatever the residual, P(R >= r) = 1.
+        tail = TailProbability(
+            1.0,
+            "exact",
+            "the kernel is a multiple of the identity here, so the test has no power: R equals "
+            "its null mean whatever the residual",
+        )
+    else:
+        tail = qform_tail(mu - statistic, 0.0, dof=spectrum.multiplicity)
     m = spectrum.dim
     p_satt = satterthwaite(
         float(spectrum.count_sum(mu)), float(spectrum.count_sum(mu * mu)), 0.5 * m * statistic

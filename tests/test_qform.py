@@ -54,3 +54,35 @@ def test_bad_coefficients_raise():
         qform_tail(np.array([1.0, np.nan]))
     with pytest.raises(ValueError, match="non-empty"):
         qform_tail(np.array([]))
+
+
+@pytest.mark.parametrize(
+    "coeffs, q, exact",
+    [
+        ([1.0], 1.0, stats.chi2.sf(1.0, 1)),  # Davies cannot answer forms this small
+        ([0.0, 0.0, 1.0], 3.84, stats.chi2.sf(3.84, 1)),
+        ([2.0], 2.0, stats.chi2.sf(1.0, 1)),
+        ([-1.0, -1.0, 2.0], 0.0, 1.0 - stats.f.cdf(1.0, 1, 2)),  # 2 X1 > X2 + X3: F(1, 2) > 1
+    ],
+)
+def test_small_forms_get_the_exact_tail(coeffs, q, exact):
+    tail = qform_tail(coeffs, q)
+    assert tail.method in ("davies", "imhof")
+    assert tail.pvalue == pytest.approx(exact, rel=1e-7)
+
+
+def test_thresholds_beyond_the_distribution_are_answered_exactly_or_refused():
+    assert qform_tail([1.0, 2.0], float("inf")).pvalue == 0.0
+    assert qform_tail([1.0, -1.0], float("-inf")).pvalue == 1.0
+    assert qform_tail([1.0, 2.0], 1e300).pvalue == 0.0  # Davies returned 1/2 here
+    with pytest.raises(ValueError, match="q is NaN"):
+        qform_tail([1.0, 2.0], float("nan"))
+    with pytest.raises(TypeError, match="q must be a real number"):
+        qform_tail([1.0, 2.0], "1")
+
+
+def test_the_saddlepoint_answers_sure_cases_and_its_mean_limit():
+    assert saddlepoint([1.0, 1.0], -1.0) == 1.0  # looped forever before
+    assert saddlepoint([-1.0, -1.0], 1.0) == 0.0
+    # At the mean the Lugannani-Rice limit 1/2 - κ3 / (6 √(2π) κ2^1.5), not the normal 1/2.
+    assert saddlepoint([1.0], 1.0) == pytest.approx(stats.chi2.sf(1.0, 1), abs=0.01)

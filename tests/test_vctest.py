@@ -91,3 +91,14 @@ def test_bad_arguments():
     spec = KernelSpectrum.from_kernel(H, np.arange(4.0))
     with pytest.raises(ValueError, match="already holds"):
         variance_component_test(spec, np.ones(4))
+
+
+def test_a_kernel_that_is_a_multiple_of_the_identity_has_no_power():
+    u = np.random.default_rng(0).standard_normal(8)
+    test = variance_component_test(KernelSpectrum.from_kernel(2.0 * np.eye(8), u))
+    assert test.pvalue == 1.0 and not test.train and "no power" in test.note
+    Q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((8, 8)))
+    rotated = Q @ (2.0 * np.eye(8)) @ Q.T  # eigenvalues 2 up to rounding
+    assert variance_component_test(KernelSpectrum.from_kernel(rotated, u)).pvalue == 1.0
+    counted = KernelSpectrum.from_eigen([2.0], [1.0], multiplicity=[3])
+    assert variance_component_test(counted).pvalue == 1.0
