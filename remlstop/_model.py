@@ -85,6 +85,15 @@ def preserved(model: nn.Module) -> Iterator[None]:
     keeps the very same ``nn.Parameter`` and buffer objects, even when a forward assigns a new
     tensor to a buffer. Modes, ``requires_grad``, ``.grad`` and the RNGs are restored as well.
     """
+    inference = [
+        name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()
+    ]
+    if inference:
+        raise ValueError(
+            f"{inference[:3]} were created under torch.inference_mode(), and inference tensors "
+            "cannot be differentiated or restored: build the model outside inference_mode "
+            "(calling remlstop inside it is fine)."
+        )
     modes = [(module, module.training) for module in model.modules()]
     tables = [
         (table, dict(table))

@@ -150,6 +150,11 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise TypeError(
             f"dtype must be a floating torch.dtype (default torch.float64), got {dtype!r}."
         )
+    if dtype.itemsize < 4:  # a sum of P products overflows float16 (max 65504)
+        raise TypeError(
+            f"dtype={dtype} cannot hold a kernel's sums; use torch.float64 (the default) or "
+            "torch.float32 (the model itself may run in any dtype)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,9 +424,12 @@ def empirical_ntk(
         ("memory_budget_bytes", memory_budget_bytes),
         ("memory_limit_bytes", memory_limit_bytes),
     ):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be positive, got {value!r}.")
-    budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1
+        ):
+            raise ValueError(f"{name} must be a positive number of bytes, got {value!r}.")
+    budget = int(memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES)
+    memory_limit_bytes = None if memory_limit_bytes is None else int(memory_limit_bytes)
     params = _trainable(model)
     model_device, model_dtype = device_dtype(model)
     assert model_dtype is not None  # _trainable: the first trainable parameter is real floating

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["KernelSpectrum", "as_float64_vector", "expand_covariates"]
 
 ArrayLike = np.ndarray | torch.Tensor
+
+
+# A residual whose energy after the covariates' projection is below this share of its energy
+# before is rounding: the residual lay in the covariates' span.
+_ROUNDING_RESIDUAL = 1e-24
 
 
 def _dtype_eps(x: ArrayLike) -> float:
@@ -78,7 +84,10 @@ def _check_kernel(kernel: ArrayLike) -> np.ndarray:
     eigensolver reads its lower triangle."""
     if isinstance(kernel, torch.Tensor) and not kernel.is_floating_point():
         raise TypeError(f"kernel must be floating point, got dtype {kernel.dtype}.")
-    H = np.asarray(_to_numpy(kernel), dtype=np.float64)
+    raw = _to_numpy(kernel)
+    if not np.issubdtype(np.asarray(raw).dtype, np.floating):
+        raise TypeError(f"kernel must be floating point, got dtype {np.asarray(raw).dtype}.")
+    H = np.asarray(raw, dtype=np.float64)
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"kernel must be a square (N, N) matrix, got shape {tuple(H.shape)}.")
     if H.shape[0] < 3:
@@ -288,7 +297,13 @@ class KernelSpectrum:
                     "multiplicity and fixed_effects cannot be combined: W = V^T Q needs one row "
                     "per direction. Pass the expanded spectrum."
                 )
+            if counts.max() >= 2**31:  # Davies' degrees of freedom are int32
+                raise ValueError(f"multiplicity counts must be below 2^31, got {counts.max():.4g}.")
             counts = counts.astype(np.int64)
+        if isinstance(n_fixed, bool) or int(n_fixed) != n_fixed or n_fixed < 0:
+            raise ValueError(f"n_fixed must be a non-negative integer, got {n_fixed!r}.")
+        if not (math.isfinite(clipped_mass) and clipped_mass >= 0):
+            raise ValueError(f"clipped_mass must be finite and >= 0, got {clipped_mass!r}.")
         total = lam.size if counts is None else int(counts.sum())
         if total < 3:
             raise ValueError(f"{total} eigenvalues given; at least 3 are needed.")
@@ -311,6 +326,12 @@ class KernelSpectrum:
                 raise ValueError(
                     f"fixed_effects must be (m, q) with m = {lam.size} rows and q <= m - 3 "
                     f"columns; got shape {tuple(W.shape)}."
+                )
+            if not np.isfinite(W).all() or not np.allclose(W.T @ W, np.eye(W.shape[1]), atol=1e-8):
+                raise ValueError(
+                    "fixed_effects must be W = V^T Q with orthonormal columns (Q an orthonormal "
+                    "basis of the covariates, V the kernel's eigenvectors); pass the covariates "
+                    "to KernelSpectrum.from_kernel(H, u0, fixed_effects=Z) to have it built."
                 )
             W = W[order]
         return cls(
@@ -351,6 +372,7 @@ class KernelSpectrum:
         H = _check_kernel(kernel)
         n_total = H.shape[0]
         u0 = as_float64_vector(residual, "residual")
+        energy = float(u0 @ u0)
         if u0.size != n_total:
             raise ValueError(
                 f"residual has {u0.size} entries but the kernel is {n_total}x{n_total}; they must "
@@ -365,6 +387,12 @@ class KernelSpectrum:
         W = None
         if fixed_effects is not None:
             Qf = _orthonormal_basis(expand_covariates(fixed_effects, n_total))
+            off = u0 - Qf @ (Qf.T @ u0)
+            if float(off @ off) <= _ROUNDING_RESIDUAL * energy:
+                raise ValueError(
+                    "the residual lies in the span of the fixed effects: they fit the targets "
+                    "exactly, and nothing is left for the kernel."
+                )
             evals, zW = spectral_projection(H, np.column_stack([u0, Qf]))
             z, W = zW[:, 0], zW[:, 1:]
         elif covariates is not None:
@@ -401,10 +429,13 @@ class KernelSpectrum:
         negative = evals < 0
         clipped = float(-evals[negative].sum())
         evals = np.where(negative, 0.0, evals)
-        if not np.any(z != 0) or float(np.dot(z, z)) == 0.0:
+        # Relative to u0 before the projection: a residual in the covariates' span leaves
+        # only rounding behind, which the test and REML would read as data.
+        if float(np.dot(z, z)) <= _ROUNDING_RESIDUAL * energy:
             raise ValueError(
                 "the residual is zero (after projecting off the covariates): the network already "
-                "fits the targets, or the targets equal the initial outputs."
+                "fits the targets, or the targets equal the initial outputs (or an affine "
+                "function of the covariates)."
             )
         return cls(
             eigenvalues=evals,

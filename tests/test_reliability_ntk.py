@@ -345,3 +345,24 @@ def test_available_memory_reads_meminfo_and_a_cgroup_limit(tmp_path, monkeypatch
     if meminfo is not None:  # Linux
         assert meminfo > 0
         assert ntk._available_bytes(torch.device("cpu")) is not None
+
+
+def test_kernel_dtypes_too_narrow_for_its_sums_are_refused():
+    with pytest.raises(TypeError, match="cannot hold a kernel's sums"):
+        empirical_ntk(nn.Linear(5, 1), X, dtype=torch.float16)
+
+
+def test_a_float_memory_budget_is_taken_as_bytes_on_both_paths():
+    model = _mlp()
+    for path in ("layerwise", "generic"):
+        H = empirical_ntk(model, X, path=path, memory_budget_bytes=1e6)
+        torch.testing.assert_close(H, empirical_ntk(model, X, path=path))
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        empirical_ntk(model, X, memory_budget_bytes="1e6")
+
+
+def test_a_model_built_under_inference_mode_is_refused_with_the_way_out():
+    with torch.inference_mode():
+        model = nn.Linear(5, 1)
+    with pytest.raises(ValueError, match="created under torch.inference_mode"):
+        empirical_ntk(model, X)

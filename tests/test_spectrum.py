@@ -217,3 +217,34 @@ def test_a_bad_multiplicity_is_refused(multiplicity, match):
         KernelSpectrum.from_eigen(
             [1.0, 2.0, 3.0, 4.0], [1.0] * 4, multiplicity=[1] * 4, fixed_effects=np.eye(4, 1)
         )
+
+
+def test_a_residual_in_the_covariates_span_is_refused_not_read_as_rounding_noise():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((12, 12))
+    x = rng.standard_normal(12)
+    Z = np.c_[np.ones(12), x]
+    with pytest.raises(ValueError, match="the residual is zero"):
+        KernelSpectrum.from_kernel(A @ A.T, 3 + 2 * x, covariates=Z)
+    with pytest.raises(ValueError, match="lies in the span of the fixed effects"):
+        KernelSpectrum.from_kernel(A @ A.T, 3 + 2 * x, fixed_effects=Z)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_fixed": -2}, "n_fixed must be a non-negative integer"),
+        ({"n_fixed": 1.7}, "n_fixed must be a non-negative integer"),
+        ({"clipped_mass": -1.0}, "clipped_mass must be finite"),
+        ({"multiplicity": np.array([2**64 - 1, 1, 1, 1, 1], np.uint64)}, "below 2\\^31"),
+        ({"fixed_effects": np.zeros((5, 1))}, "orthonormal columns"),
+    ],
+)
+def test_bad_eigen_inputs_are_refused_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KernelSpectrum.from_eigen([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5, **kwargs)
+
+
+def test_a_complex_kernel_is_refused():
+    with pytest.raises(TypeError, match="kernel must be floating point"):
+        KernelSpectrum.from_kernel(np.eye(4) + 1j * np.eye(4), np.ones(4))
