@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,13 +29,20 @@ def _positive_int(value: object, name: str, *, optional: bool = False) -> int | 
         return None
     if (
         isinstance(value, bool)
-        or not isinstance(value, int | float)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
         or int(value) != value
         or value < 1
     ):
         allowed = "None or an integer >= 1" if optional else "an integer >= 1"
         raise ValueError(f"{name} must be {allowed}, got {value!r}.")
     return int(value)
+
+
+def _real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,7 @@ class StopperOptions:
             object.__setattr__(self, name, value)
 
         put("loss", parse_loss(self.loss))
-        if not 0 < self.alpha < 1:
+        if not 0 < _real(self.alpha, "alpha") < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}.")
         put("alpha", float(self.alpha))
         if self.criterion is None:
@@ -135,9 +144,20 @@ class StopperOptions:
             _positive_int(self.refresh_every_n_steps, "refresh_every_n_steps", optional=True),
         )
         put("max_samples", _positive_int(self.max_samples, "max_samples", optional=True))
+        put("chunk_size", _positive_int(self.chunk_size, "chunk_size", optional=True))
+        if not _real(self.drift_threshold, "drift_threshold") > 0:
+            raise ValueError(
+                f"drift_threshold must be a positive relative drift, got {self.drift_threshold}."
+            )
         put("drift_threshold", float(self.drift_threshold))
         if self.track_residual is None:
             put("track_residual", self.rule == "trajectory")
+        if not isinstance(self.track_residual, bool):
+            raise ValueError(
+                f"track_residual must be True, False or None, got {self.track_residual!r}."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         put("seed", int(self.seed))
         put("test_covariates", _parse_test_covariates(self.test_covariates))
         if self.kernel not in _KERNELS:
@@ -161,8 +181,14 @@ class StopperOptions:
 
 
 def _parse_test_covariates(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    if not (spec is None or isinstance(spec, (str, list, tuple))):
+        raise ValueError(
+            f"test_covariates must be None, one of {_TEST_COVARIATES} or a list of them; got "
+            f"{type(spec).__name__} (for covariates of your own, pass KernelSpectrum.from_kernel "
+            "covariates=)."
+        )
     names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    bad = [n for n in names if n not in _TEST_COVARIATES]
+    bad = [n for n in names if not isinstance(n, str) or n not in _TEST_COVARIATES]
     if bad or len(set(names)) != len(names):
         raise ValueError(
             f"test_covariates must be None, one of {_TEST_COVARIATES} or a sequence of them "

@@ -384,6 +384,14 @@ def test_a_shuffled_loader_that_drops_rows_gives_the_decision_on_every_row():
         ({"alpha": 0.0}, ValueError, "alpha"),
         ({"test_covariates": "y"}, ValueError, "test_covariates"),
         ({"test_covariates": ["f0", "f0"]}, ValueError, "test_covariates"),
+        ({"test_covariates": 3}, ValueError, "test_covariates"),
+        ({"alpha": "0.05"}, ValueError, "alpha must be a real number"),
+        ({"seed": 1.5}, ValueError, "seed must be an integer"),
+        ({"drift_threshold": float("nan")}, ValueError, "drift_threshold"),
+        ({"drift_threshold": -1.0}, ValueError, "drift_threshold"),
+        ({"check_every_n_steps": float("inf")}, ValueError, "check_every_n_steps"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"track_residual": "yes"}, ValueError, "track_residual"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, match):
