@@ -13,7 +13,7 @@ from scipy import optimize
 
 from .flow import StopTime, effective_df, log_residual_dof, log_residual_norm2
 from .linalg import symmetric_eigh
-from .spectrum import KernelSpectrum, _check_kernel, as_float64_vector
+from .spectrum import KernelSpectrum, _check_kernel, as_float64_vector, require_spectrum
 
 __all__ = ["GCVFit", "LOOFit", "gcv_fit", "log_gcv", "loo_fit"]
 
@@ -62,6 +62,7 @@ def gcv_fit(spectrum: KernelSpectrum, *, grid_size: int = 400) -> GCVFit:
     moves (t lambda_max from 1e-3 to t lambda_min+ = 50) is scanned first and the best cell then
     refined by a bounded scalar minimisation in log t.
     """
+    require_spectrum(spectrum, "gcv_fit")
     if spectrum.fixed_effects is not None:
         raise ValueError(
             "GCV reads the flow on the spectrum itself; a spectrum with fixed_effects= is for "

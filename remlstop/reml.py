@@ -24,7 +24,7 @@ from .flow import (
     weighted_mean_eigenvalue,
 )
 from .priors import PRIORS, PriorFit, bayes_risk, fit_prior
-from .spectrum import KernelSpectrum
+from .spectrum import KernelSpectrum, require_spectrum
 
 __all__ = ["REMLFit", "reml_fit", "profile_loglik"]
 
@@ -174,6 +174,7 @@ def reml_fit(
     the test reads) is exact for ``linear`` only: Q^T(I + aH)Q = I + a Q^T H Q, but
     Q^T e^{tH} Q != e^{t Q^T H Q}. ``exp`` and ``power`` refuse it.
     """
+    require_spectrum(spectrum, "reml_fit")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}.")
     if prior not in PRIORS:

@@ -27,6 +27,22 @@ __all__ = ["KernelSpectrum", "as_float64_vector", "expand_covariates"]
 ArrayLike = np.ndarray | torch.Tensor
 
 
+# The statistics square eigenvalues and projections and take exponentials of t λ: scales
+# beyond these overflow or underflow float64 (a kernel is a few units for a network whose
+# outputs and targets are of order one).
+_SCALE = 1e140
+
+
+def _check_scales(eigenvalues: np.ndarray, z: np.ndarray) -> None:
+    lam, r = float(np.max(eigenvalues)), float(np.max(np.abs(z)))
+    if not (1.0 / _SCALE < lam < _SCALE and 1.0 / _SCALE < r < _SCALE):
+        raise ValueError(
+            f"the kernel's largest eigenvalue ({lam:.3g}) or the residual's largest projection "
+            f"({r:.3g}) is beyond 1e±140, where the statistics overflow float64: rescale the "
+            "targets and the network's outputs to order one."
+        )
+
+
 # A residual whose energy after the covariates' projection is below this share of its energy
 # before is rounding: the residual lay in the covariates' span.
 _ROUNDING_RESIDUAL = 1e-24
@@ -123,8 +139,11 @@ def expand_covariates(covariates: ArrayLike, n_total: int) -> np.ndarray:
     Z = np.asarray(_to_numpy(covariates), dtype=np.float64)
     if Z.ndim == 1:
         Z = Z[:, None]
-    if Z.ndim != 2:
-        raise ValueError(f"covariates must be (N, q) or (n, q), got shape {tuple(Z.shape)}.")
+    if Z.ndim != 2 or Z.shape[1] == 0:
+        raise ValueError(
+            f"covariates must be (N, q) or (n, q) with q >= 1 columns, got shape "
+            f"{tuple(Z.shape)} (pass None for no covariates)."
+        )
     if not np.all(np.isfinite(Z)):
         raise ValueError("covariates contain NaN or infinite values.")
     rows = Z.shape[0]
@@ -317,6 +336,7 @@ class KernelSpectrum:
             )
         if not np.any(zz != 0):
             raise ValueError("the residual is exactly zero: the network already fits the targets.")
+        _check_scales(lam, zz)
         order = np.argsort(lam, kind="stable")
         W = None
         if fixed_effects is not None:
@@ -372,6 +392,9 @@ class KernelSpectrum:
         H = _check_kernel(kernel)
         n_total = H.shape[0]
         u0 = as_float64_vector(residual, "residual")
+        largest = float(np.abs(u0).max())
+        if largest > _SCALE or 0.0 < largest < 1.0 / _SCALE:
+            _check_scales(np.ones(1), np.full(1, largest))
         energy = float(u0 @ u0)
         if u0.size != n_total:
             raise ValueError(
@@ -414,9 +437,11 @@ class KernelSpectrum:
             evals, z = evals[q:], z[q:]
         lam_max = float(evals[-1])
         if lam_max <= 0:
+            beyond = "beyond the fixed effects" if covariates is not None else "(check the kernel)"
+            where = "" if covariates is None else " in the complement of the covariates"
             raise ValueError(
-                "the kernel has no positive eigenvalue in the complement of the covariates: "
-                "nothing can be learned beyond the fixed effects."
+                f"the kernel has no positive eigenvalue{where}: a kernel J J^T / N is positive "
+                f"semi-definite and not zero there, so nothing can be learned {beyond}."
             )
         tol = max(1e-8, 10.0 * _dtype_eps(kernel) * np.sqrt(n_total)) * lam_max
         if evals[0] < -tol:
@@ -437,6 +462,7 @@ class KernelSpectrum:
                 "fits the targets, or the targets equal the initial outputs (or an affine "
                 "function of the covariates)."
             )
+        _check_scales(evals, z)
         return cls(
             eigenvalues=evals,
             z=z,
@@ -445,4 +471,13 @@ class KernelSpectrum:
             trace=trace,
             clipped_mass=clipped,
             fixed_effects=W,
+        )
+
+
+def require_spectrum(spectrum: object, who: str) -> None:
+    """TypeError unless ``spectrum`` is a :class:`KernelSpectrum` (the fits read one only)."""
+    if not isinstance(spectrum, KernelSpectrum):
+        raise TypeError(
+            f"{who} takes a KernelSpectrum, got {type(spectrum).__name__}: build one with "
+            "KernelSpectrum.from_kernel(H, u0) or KernelSpectrum.from_eigen(eigenvalues, z)."
         )

@@ -248,3 +248,24 @@ def test_bad_eigen_inputs_are_refused_naming_them(kwargs, match):
 def test_a_complex_kernel_is_refused():
     with pytest.raises(TypeError, match="kernel must be floating point"):
         KernelSpectrum.from_kernel(np.eye(4) + 1j * np.eye(4), np.ones(4))
+
+
+def test_scales_beyond_float64s_reach_are_refused_with_the_way_out():
+    for scale in (1e300, 1e-300):
+        with pytest.raises(ValueError, match="rescale the targets"):
+            KernelSpectrum.from_eigen(np.array([1.0, 2.0, 3.0]) * scale, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="rescale the targets"):
+        KernelSpectrum.from_kernel(np.eye(4) + 1.0, np.ones(4) * 1e160)
+
+
+def test_the_fits_take_a_spectrum_and_covariates_need_columns():
+    from remlstop.gcv import gcv_fit
+    from remlstop.reml import reml_fit
+
+    for fit in (reml_fit, gcv_fit):
+        with pytest.raises(TypeError, match="takes a KernelSpectrum"):
+            fit(np.ones(5))
+    with pytest.raises(ValueError, match="q >= 1 columns"):
+        KernelSpectrum.from_kernel(np.eye(4) + 1.0, np.arange(4.0), covariates=np.zeros((4, 0)))
+    with pytest.raises(ValueError, match="no positive eigenvalue: "):
+        KernelSpectrum.from_kernel(-np.eye(5), np.ones(5))
