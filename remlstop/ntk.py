@@ -123,6 +123,10 @@ def _check_inputs(
     return model_inputs(x, device, dtype)
 
 
+# Rows given together and one at a time may differ by the rounding of other GEMM kernels.
+_ROW_TOLERANCE = 1e-3
+
+
 def _check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(
@@ -131,9 +135,21 @@ def _check_chunk_size(chunk_size: int | None) -> None:
 
 
 def _probe_outputs(model: nn.Module, x: torch.Tensor) -> int:
-    """K from a forward pass on a few rows (M1: trailing output dimensions are flattened)."""
+    """K from a forward pass on a few rows (M1: trailing output dimensions are flattened),
+    after checking that each row's output is its own: the NTK is per row (M1), and a forward
+    that mixes the rows of a batch (x - x.mean(0), batch statistics) has no such kernel."""
     with torch.no_grad():
-        return outputs(model, x[:4]).shape[1]
+        batch = outputs(model, x[:4])
+        alone = torch.cat([outputs(model, x[i : i + 1]) for i in range(batch.shape[0])])
+    tol = max(_ROW_TOLERANCE, 100 * torch.finfo(batch.dtype).eps) * float(batch.abs().max())
+    if batch.shape[0] > 1 and float((batch - alone).abs().max()) > tol:
+        raise ValueError(
+            "the model's output for a row depends on the other rows of the batch, or on chance "
+            "(rows given together and one at a time differ): the NTK (M1) is that of a "
+            "deterministic per-row map f(x_i), so layers that mix rows or draw noise in eval "
+            "mode must go (batch norm and dropout are already evaluated in eval mode)."
+        )
+    return batch.shape[1]
 
 
 def _resolve_device(device: torch.device | str | None, model_device: torch.device) -> torch.device:

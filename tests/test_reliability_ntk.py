@@ -366,3 +366,16 @@ def test_a_model_built_under_inference_mode_is_refused_with_the_way_out():
         model = nn.Linear(5, 1)
     with pytest.raises(ValueError, match="created under torch.inference_mode"):
         empirical_ntk(model, X)
+
+
+def test_a_forward_that_mixes_the_rows_of_a_batch_is_refused():
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(5, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x - x.mean(0))
+
+    with pytest.raises(ValueError, match="depends on the other rows of the batch"):
+        empirical_ntk(Centred(), X)
