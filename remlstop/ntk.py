@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import numbers
 import time
 
 import torch
@@ -127,11 +128,16 @@ def _check_inputs(
 _ROW_TOLERANCE = 1e-3
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or chunk_size < 1
+    ):
         raise ValueError(
             f"chunk_size must be a positive integer (rows per chunk) or None, got {chunk_size!r}."
         )
+    return None if chunk_size is None else int(chunk_size)
 
 
 def _probe_outputs(model: nn.Module, x: torch.Tensor) -> int:
@@ -158,6 +164,11 @@ def _resolve_device(device: torch.device | str | None, model_device: torch.devic
     device = torch.device(device)
     if device.type == "meta":
         raise ValueError("device='meta' holds no values; ask for the kernel on a real device.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r}, but this torch has no CUDA device; ask for the kernel on "
+            "'cpu' (the default is the model's device)."
+        )
     return device
 
 
@@ -434,7 +445,7 @@ def empirical_ntk(
     start = time.perf_counter()
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}.")
-    _check_chunk_size(chunk_size)
+    chunk_size = _check_chunk_size(chunk_size)
     _check_dtype(dtype)
     for name, value in (
         ("memory_budget_bytes", memory_budget_bytes),
@@ -538,7 +549,7 @@ def ntk_vector_product(
         float64 tensor of v's shape on the model's device. The products run in the model's
         dtype, so a float32 model gives float32-accurate products.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = _check_chunk_size(chunk_size)
     params = _trainable(model)
     model_device, model_dtype = device_dtype(model)
     if not isinstance(v, torch.Tensor):
@@ -570,7 +581,7 @@ def ntk_trace(model: nn.Module, x: torch.Tensor, *, chunk_size: int | None = Non
     rows are processed ``chunk_size`` at a time (default from ``DEFAULT_MEMORY_BUDGET_BYTES``).
     The mean eigenvalue of H is ``ntk_trace(...) / N``.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = _check_chunk_size(chunk_size)
     params = _trainable(model)
     model_device, model_dtype = device_dtype(model)
     with differentiable_evaluation(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -379,3 +380,14 @@ def test_a_forward_that_mixes_the_rows_of_a_batch_is_refused():
 
     with pytest.raises(ValueError, match="depends on the other rows of the batch"):
         empirical_ntk(Centred(), X)
+
+
+def test_numpy_integers_are_chunk_sizes_and_a_missing_cuda_is_named():
+    model = _mlp()
+    H = empirical_ntk(model, X, chunk_size=np.int64(7))
+    torch.testing.assert_close(H, empirical_ntk(model, X))
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        empirical_ntk(model, X, chunk_size=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="this torch has no CUDA device"):
+            empirical_ntk(model, X, device="cuda")
