@@ -51,6 +51,7 @@ Requirements on the LightningModule: ``forward(x)`` returns the network outputs 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -138,14 +139,14 @@ def _fingerprint(model: nn.Module) -> tuple[tuple[int, ...], float]:
     return tuple(id(p) for p in params), total
 
 
-def _scaler_skips(trainer: Any, optimizer: Any) -> bool:
+def _scaler_skips(trainer: Any, grad_norm: Callable[[], float]) -> bool:
     """Whether the precision plugin's gradient scaler will skip this step: Lightning unscales
     the gradients before this hook, and ``GradScaler.step`` skips the step exactly when they
     hold an inf or NaN (16-bit mixed precision on a GPU), so no gradient-flow time passes."""
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
     if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
         return False
-    return not math.isfinite(_grad_norm(optimizer))
+    return not math.isfinite(grad_norm())
 
 
 def _accumulation_factor(trainer: Any, pl_module: Any, batches: int) -> float:
@@ -422,19 +423,21 @@ class REMLEarlyStoppingBody:
             return
         rows, batches = self._rows_since_step, self._batches_since_step
         self._rows_since_step, self._batches_since_step = [], 0
-        if not _has_gradients(optimizer) or _scaler_skips(trainer, optimizer):
+        # The gradients' norm, read by the scaler's check and by norm clipping: once a step.
+        grad_norm = functools.cache(lambda: _grad_norm(optimizer))
+        if not _has_gradients(optimizer) or _scaler_skips(trainer, grad_norm):
             # training_step returned None (Lightning still calls this hook and counts a global
             # step, but the optimizer skips every parameter), or the scaler skips the step: no
             # gradient-flow time passes and the momentum buffer stays (None marks it).
             self._step_dts.append(None)
             return
         dt = stopper.step_time(rows)
-        factor = self._clip_factor(trainer, optimizer) * _accumulation_factor(
+        factor = self._clip_factor(trainer, grad_norm) * _accumulation_factor(
             trainer, pl_module, batches
         )
         self._step_dts.append(dt * factor)
 
-    def _clip_factor(self, trainer: Any, optimizer: Any) -> float:
+    def _clip_factor(self, trainer: Any, grad_norm: Callable[[], float]) -> float:
         """The step's scale under gradient clipping, which Lightning applies after this hook.
 
         Norm clipping scales the whole update by min(1, c / ||g||): the step then moves like one
@@ -457,7 +460,7 @@ class REMLEarlyStoppingBody:
                 )
             return 1.0
         # torch.nn.utils.clip_grad_norm_'s coefficient, eps included.
-        return min(1.0, float(clip) / (_grad_norm(optimizer) + 1e-6))
+        return min(1.0, float(clip) / (grad_norm() + 1e-6))
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

@@ -231,14 +231,12 @@ def unsupported(model: nn.Module, x: torch.Tensor) -> str | None:
                 isinstance(layer.dim, str) or layer.dim % h.dim() == 0
             ):
                 return f"{layer!r} unflattens the row dimension (or a named one)"
-            h = layer(h)
-        # A last guard for what the checks above cannot see (a weight property, say): the
-        # backend's own re-run of the network must give the model's output.
-        rebuilt = x[:1]
-        for layer in layers:
-            rebuilt = _forward(layer, rebuilt) if isinstance(layer, _LAYERS) else layer(rebuilt)
+            # The backend's own re-run of the network, as the features pass makes it.
+            h = _forward(layer, h) if isinstance(layer, _LAYERS) else layer(h)
+        # A last guard for what the checks above cannot see (a weight property, say): that
+        # re-run must give the model's output.
         reference = model(x[:1])
-        if not isinstance(reference, torch.Tensor) or not _same_output(rebuilt, reference):
+        if not isinstance(reference, torch.Tensor) or not _same_output(h, reference):
             return "re-running its layers one by one does not reproduce the model's output"
     return None
 

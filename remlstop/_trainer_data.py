@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ._model import preserved_rng
-from .data import collect_xy, every_row_loader
+from .data import collect_xy, leaves_rows_out
 
 __all__ = ["distributed", "trainer_xy"]
 
@@ -43,7 +43,7 @@ def trainer_xy(trainer: Any, batch_to_xy: Callable | None) -> tuple[torch.Tensor
         return collect_xy(loader, batch_to_xy=batch_to_xy)
     local: tuple[torch.Tensor, torch.Tensor] | None = None
     error: str | None = None
-    whole = every_row_loader(loader) is not loader
+    whole = leaves_rows_out(loader)
     # A shard that leaves shuffled rows out: rank 0 reads the whole dataset and sends it, so
     # every rank holds the same values even where the dataset augments at random.
     if not whole or trainer.global_rank == 0:

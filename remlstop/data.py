@@ -21,9 +21,9 @@ __all__ = [
     "collect_xy",
     "as_target_matrix",
     "every_row_loader",
+    "leaves_rows_out",
     "row_keys",
     "find_rows",
-    "match_rows",
 ]
 
 Batch = Any
@@ -181,20 +181,27 @@ def collect_xy(
     return X, Y
 
 
-def every_row_loader(data: Any) -> Any:
-    """``data`` itself, or, for a ``DataLoader`` that shuffles and leaves rows out of an epoch,
-    one over every row of its dataset in order (same batch size and ``collate_fn``, no workers):
-    the rows of one such epoch are a random subset, and the decision would be made on it."""
+def leaves_rows_out(data: Any) -> bool:
+    """Whether ``data`` is a ``DataLoader`` that shuffles and leaves rows out of each epoch
+    (``drop_last`` with a partial last batch, a ``RandomSampler`` drawing fewer rows than the
+    dataset holds or with replacement, a shuffling ``DistributedSampler`` that drops its tail)."""
     if not isinstance(data, DataLoader) or data.batch_size is None:
-        return data
+        return False
     sampler = data.sampler
     if isinstance(sampler, RandomSampler):
         partial = sampler.replacement or sampler.num_samples != len(sampler.data_source)
     elif isinstance(sampler, DistributedSampler) and sampler.shuffle:
         partial = sampler.drop_last
     else:
-        return data
-    if not (partial or (data.drop_last and len(sampler) % data.batch_size)):
+        return False
+    return bool(partial or (data.drop_last and len(sampler) % data.batch_size))
+
+
+def every_row_loader(data: Any) -> Any:
+    """``data`` itself, or, where it :func:`leaves_rows_out`, a loader over every row of its
+    dataset in order (same batch size, ``collate_fn`` and workers): the rows of one such epoch
+    are a random subset, and the decision would be made on it."""
+    if not leaves_rows_out(data):
         return data
     if type(data) is not DataLoader:  # a subclass may batch its own way: not rebuilt
         warnings.warn(
@@ -322,15 +329,3 @@ def find_rows(saved: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> tuple[to
     index = np.zeros(want.size, dtype=np.int64)
     index[want_order[found]] = have_order[position[found]]
     return torch.from_numpy(index), int((~found).sum())
-
-
-def match_rows(saved: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """:func:`find_rows`'s index, or a ValueError naming how many saved rows are missing."""
-    index, missing = find_rows(saved, X, Y)
-    if missing:
-        raise ValueError(
-            f"{missing} of the {saved.shape[0]} rows the saved decision was made on are not "
-            f"among the {X.shape[0]} training rows given (every value of X and Y is compared, "
-            "in any order): give the data the decision was made on."
-        )
-    return index

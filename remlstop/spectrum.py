@@ -33,14 +33,18 @@ ArrayLike = np.ndarray | torch.Tensor
 _SCALE = 1e140
 
 
-def _check_scales(eigenvalues: np.ndarray, z: np.ndarray) -> None:
-    lam, r = float(np.max(eigenvalues)), float(np.max(np.abs(z)))
-    if not (1.0 / _SCALE < lam < _SCALE and 1.0 / _SCALE < r < _SCALE):
+def _check_scale(value: float, what: str) -> None:
+    """ValueError when ``value`` (> 0) lies beyond 1e±140, naming ``what`` and the way out."""
+    if not 1.0 / _SCALE < value < _SCALE:
         raise ValueError(
-            f"the kernel's largest eigenvalue ({lam:.3g}) or the residual's largest projection "
-            f"({r:.3g}) is beyond 1e±140, where the statistics overflow float64: rescale the "
-            "targets and the network's outputs to order one."
+            f"the {what} ({value:.3g}) is beyond 1e±140, where the statistics overflow float64: "
+            "rescale the targets and the network's outputs to order one."
         )
+
+
+def _check_scales(eigenvalues: np.ndarray, z: np.ndarray) -> None:
+    _check_scale(float(np.max(eigenvalues)), "kernel's largest eigenvalue")
+    _check_scale(float(np.max(np.abs(z))), "residual's largest projection")
 
 
 # A residual whose energy after the covariates' projection is below this share of its energy
@@ -392,9 +396,8 @@ class KernelSpectrum:
         H = _check_kernel(kernel)
         n_total = H.shape[0]
         u0 = as_float64_vector(residual, "residual")
-        largest = float(np.abs(u0).max())
-        if largest > _SCALE or 0.0 < largest < 1.0 / _SCALE:
-            _check_scales(np.ones(1), np.full(1, largest))
+        if np.any(u0 != 0):  # a zero residual is refused below, by name
+            _check_scale(float(np.abs(u0).max()), "residual's largest entry")
         energy = float(u0 @ u0)
         if u0.size != n_total:
             raise ValueError(

@@ -531,7 +531,7 @@ class REMLStopper:
                 "seconds": dict(d.seconds),
             },
             "history": [asdict(c) for c in self.history],
-            "model_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_parameters": _network_size(self.model),
             "collected_rows": self.clock.n_total,
         }
 
@@ -546,9 +546,8 @@ class REMLStopper:
                 f"not a REMLStopper state: it lacks {missing}; pass what state_dict() returned "
                 "(the callback keeps it under its checkpoint entry's 'stopper')."
             )
-        # The whole network's size, not the trained part's, which freezing schedules change.
         saved_size = state.get("model_parameters")
-        size = sum(p.numel() for p in self.model.parameters())
+        size = _network_size(self.model)
         if saved_size is not None and int(saved_size) != size:
             raise ValueError(
                 f"this state was saved for a network with {int(saved_size)} parameters, but "
@@ -587,6 +586,12 @@ class REMLStopper:
             **state["decision"],
         )
         self.history = [Check(**c) for c in state["history"]]
+
+
+def _network_size(model: nn.Module) -> int:
+    """Values in all of the network's parameters, trained or frozen: what tells a state saved
+    for another network (freezing schedules change the trained part)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def _kernel_drift(H: torch.Tensor, H0: torch.Tensor, rows: int = 1024) -> float:

@@ -172,6 +172,16 @@ def test_momentum_factor(nesterov):
     assert clock.fixed_map
 
 
+def _step_is_its_move(clock, opt, w, step):
+    """One optimizer step under a unit gradient, whose Δt (2aη = η) must equal w's move."""
+    dt = clock.dt_per_step()
+    before = w.detach().clone()
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert float(before - w.detach()) == pytest.approx(dt, rel=1e-12), step
+    clock.count(dt)
+
+
 @pytest.mark.parametrize("schedule", ["one_cycle", "by_hand", "nesterov_cyclic", "dampening"])
 def test_each_steps_time_is_the_move_of_a_constant_gradient_when_momentum_changes(schedule):
     # With g = 1 and 2aη = η, a step's Δt must equal the parameter's move, whatever the momentum
@@ -191,12 +201,7 @@ def test_each_steps_time_is_the_move_of_a_constant_gradient_when_momentum_change
             opt.param_groups[0]["momentum"] = {20: 0.9, 40: 0.5}[step]
         if schedule == "dampening" and step in (1, 30):
             opt.param_groups[0].update(momentum=0.8, dampening={1: 0.0, 30: 0.6}[step])
-        dt = clock.dt_per_step()
-        before = w.detach().clone()
-        w.grad = torch.ones_like(w)
-        opt.step()
-        assert float(before - w.detach()) == pytest.approx(dt, rel=1e-12), step
-        clock.count(dt)
+        _step_is_its_move(clock, opt, w, step)
         if sched is not None:
             sched.step()
     # The projection ahead continues the same recursion at the lr and momentum now.
@@ -498,11 +503,6 @@ def test_a_skipped_step_adds_no_time_and_leaves_the_momentum_count():
         clock.count(0.0, skipped=True)
     assert clock.t == 0.0 and clock.steps == 3
     for step in range(20):
-        dt = clock.dt_per_step()
-        before = w.detach().clone()
-        w.grad = torch.ones_like(w)
-        opt.step()
-        assert float(before - w.detach()) == pytest.approx(dt, rel=1e-12), step
-        clock.count(dt)
+        _step_is_its_move(clock, opt, w, step)
     with pytest.raises(ValueError, match="a skipped step moves nothing"):
         clock.count(0.1, skipped=True)
